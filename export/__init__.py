@@ -1,0 +1,1 @@
+"""ONNX export, parity gate, bundles and TensorRT builds (needs the `export` extra)."""

@@ -1,0 +1,1 @@
+"""Torch-free inference: audio in, embeddings and class scores out."""
