@@ -26,6 +26,11 @@ from .registry import ModelSpec, build_model, get_spec
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 LEADING_PREFIXES = ("module.", "backbone.", "model.")
 FAIRSEQ_IMAGE = "modality_encoders.IMAGE."
+# torch.nn.utils.parametrizations.weight_norm spelling -> the legacy weight_norm one.
+PARAMETRIZED_WEIGHT_NORM = {
+    "parametrizations.weight.original0": "weight_g",
+    "parametrizations.weight.original1": "weight_v",
+}
 # Tensors that fairseq EAT pretraining checkpoints carry for the masked-prediction decoder.
 FAIRSEQ_UNUSED = ("decoder.", "_ema", "ema.", "recon_proj.", "shared_decoder.", "cls_proj.")
 
@@ -143,9 +148,7 @@ def _canonical_beats(tensors: dict[str, torch.Tensor], ignored: list[str]) -> di
             ignored.append(original)
         elif key.startswith("encoder.pos_conv.0."):
             part = key[len("encoder.pos_conv.0.") :]
-            part = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}.get(
-                part, part
-            )
+            part = PARAMETRIZED_WEIGHT_NORM.get(part, part)
             pos[part] = tensor
         elif re.fullmatch(r"encoder\.layers\.\d+\.self_attn\.relative_attention_bias\.weight", key):
             shared[original] = tensor
