@@ -9,10 +9,10 @@ from pathlib import Path
 
 import onnx
 import torch
-from edgeenc.models.checkpoints import LoadedModel
 from torch import nn
 
 from edgeenc import __version__
+from edgeenc.models.checkpoints import LoadedModel
 
 DEFAULT_OPSET = 17  # first opset with LayerNormalization (TensorRT's INormalizationLayer)
 

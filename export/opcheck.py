@@ -31,7 +31,9 @@ TENSORRT10_UNSUPPORTED = frozenset({"DFT", "STFT", "MelWeightMatrix", "HannWindo
 def op_report(model: onnx.ModelProto) -> dict:
     """Every op type with its count, split into supported / unsupported / unknown for TensorRT 10."""
     counts = Counter(node.op_type for node in model.graph.node if node.domain in ("", "ai.onnx"))
-    foreign = Counter(f"{node.domain}:{node.op_type}" for node in model.graph.node if node.domain not in ("", "ai.onnx"))
+    foreign = Counter(
+        f"{node.domain}:{node.op_type}" for node in model.graph.node if node.domain not in ("", "ai.onnx")
+    )
     unsupported = sorted(op for op in counts if op in TENSORRT10_UNSUPPORTED)
     unknown = sorted(op for op in counts if op not in TENSORRT10_SUPPORTED and op not in TENSORRT10_UNSUPPORTED)
     unknown += sorted(foreign)

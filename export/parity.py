@@ -15,6 +15,7 @@ from importlib import resources
 
 import numpy as np
 import torch
+
 from edgeenc.models.checkpoints import LoadedModel
 
 from .onnx_export import EXPORT_SPECS, OnnxGraph

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from edgeenc.models.checkpoints import LoadedModel
 
 from edgeenc import __version__
+from edgeenc.models.checkpoints import LoadedModel
 
 from . import bundle as bundle_io
 from .onnx_export import DEFAULT_OPSET, export_onnx, output_names
@@ -50,7 +50,9 @@ def ort_runner(path: Path, names: list[str], threads: int | None = None) -> Call
 
 def io_description(loaded: LoadedModel) -> tuple[list[dict], list[dict]]:
     dim = loaded.module.config.embed_dim
-    inputs = [{"name": "audio", "dtype": "float32", "shape": ["batch", "samples"], "sample_rate": loaded.spec.sample_rate}]
+    inputs = [
+        {"name": "audio", "dtype": "float32", "shape": ["batch", "samples"], "sample_rate": loaded.spec.sample_rate}
+    ]
     outputs = [
         {"name": "tokens", "dtype": "float32", "shape": ["batch", "frames", dim]},
         {"name": "embedding", "dtype": "float32", "shape": ["batch", dim]},
@@ -92,13 +94,18 @@ def export_bundle(
         say("writing model.fp16.onnx (GEMMs fp16; front end, LayerNorm, softmax, pooling fp32)")
         convert_fp16(model, out / "model.fp16.onnx")
         fp16_report = run_reduced_gate(
-            "fp16", ort_runner(out / "model.fp16.onnx", names), references, cases,
-            token_cosine=FP16_TOKEN_COSINE, progress=say,
+            "fp16",
+            ort_runner(out / "model.fp16.onnx", names),
+            references,
+            cases,
+            token_cosine=FP16_TOKEN_COSINE,
+            progress=say,
         )
         reports.append(fp16_report)
         variants["model.fp16.onnx"] = {"precision": "fp16", "parity": fp16_report.passed}
-    bundle_io.write_json_atomic(out / bundle_io.PARITY, {"passed": all(r.passed for r in reports),
-                                                         "reports": [r.to_json() for r in reports]})
+    bundle_io.write_json_atomic(
+        out / bundle_io.PARITY, {"passed": all(r.passed for r in reports), "reports": [r.to_json() for r in reports]}
+    )
     if loaded.labels:
         bundle_io.write_json_atomic(out / bundle_io.LABELS, loaded.labels)
     inputs, outputs = io_description(loaded)

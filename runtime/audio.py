@@ -1,0 +1,203 @@
+"""Audio as it comes from recorders: decode, check, downmix and resample, one block at a time.
+
+Everything goes through libsndfile (via soundfile), so any format it reads works: WAV, FLAC,
+OGG/Vorbis, MP3 (libsndfile >= 1.1), AIFF, ... at any sample rate, integer or float samples,
+mono or multichannel. Integer samples are scaled to [-1, 1] by soundfile.
+
+Files are read in blocks of ``block_seconds`` so that a 24 h recording never sits in memory whole;
+blocks are resampled with one ``soxr.ResampleStream`` so the output is identical to resampling the
+whole file at once.
+
+Problems with a file raise :class:`AudioError`, which names the file and says what is wrong:
+missing, not decodable, empty, truncated (the header promises more audio than the file holds),
+or containing NaN/inf samples. OGG/Vorbis files store no length in a header, so a cut OGG file
+cannot be told from a shorter one; it decodes to the audio that is there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+__all__ = ["AudioError", "AudioInfo", "probe", "iter_blocks", "load"]
+
+# libsndfile logs "data : <declared> (should be <available>)" when a chunk runs past the end of file.
+_SHORT_CHUNK = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# Streaming writers that never finalise the header leave this placeholder: the length is unknown,
+# not wrong, so the file is read as far as it goes.
+_UNKNOWN_SIZE = 0xFFFFFFFF
+# Without a Xing/LAME tag the MP3 frame count is libmpg123's estimate from the file size.
+_MP3_LENGTH_TOLERANCE = 0.02
+
+
+class AudioError(Exception):
+    """A file that cannot be used as audio; ``str(e)`` is ``"<path>: <reason>"``."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        super().__init__(os.fspath(path), reason)
+        self.path = os.fspath(path)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    path: str
+    sample_rate: int
+    channels: int
+    frames: int
+    duration_seconds: float
+    format: str
+    subtype: str
+
+
+def _open(path: str) -> sf.SoundFile:
+    if not os.path.exists(path):
+        raise AudioError(path, "file does not exist")
+    if os.path.isdir(path):
+        raise AudioError(path, "is a directory, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioError(path, "file is empty (0 bytes); it contains no audio samples")
+    try:
+        f = sf.SoundFile(path)
+    except sf.LibsndfileError as e:
+        raise AudioError(path, f"libsndfile cannot read it: {e.error_string}") from e
+    except OSError as e:
+        raise AudioError(path, f"cannot be opened: {e}") from e
+    if f.frames <= 0:
+        f.close()
+        raise AudioError(path, "contains no audio samples (the header declares 0 frames)")
+    truncated = _header_says_truncated(f)
+    if truncated:
+        seconds = f.frames / f.samplerate
+        f.close()
+        raise AudioError(path, f"file is truncated or corrupt after {seconds:.3f} s ({truncated})")
+    return f
+
+
+def _header_says_truncated(f: sf.SoundFile) -> str:
+    # libsndfile silently shortens WAV/AIFF files whose data chunk runs past the end of the file;
+    # only its log tells, and a recorder that lost power mid-write looks exactly like that.
+    try:
+        log = f.extra_info
+    except Exception:  # the log is only a diagnostic: never fail a good file on it
+        return ""
+    for m in _SHORT_CHUNK.finditer(log):
+        declared, available = int(m.group(2)), int(m.group(3))
+        if declared != _UNKNOWN_SIZE and available < declared:
+            return f"header declares {declared} bytes of audio, the file holds {available}"
+    return ""
+
+
+def probe(path: str | os.PathLike[str]) -> AudioInfo:
+    """Describe an audio file without decoding it; raise :class:`AudioError` if it is unusable."""
+    p = os.fspath(path)
+    with _open(p) as f:
+        return AudioInfo(
+            path=p,
+            sample_rate=int(f.samplerate),
+            channels=int(f.channels),
+            frames=int(f.frames),
+            duration_seconds=f.frames / f.samplerate,
+            format=str(f.format),
+            subtype=str(f.subtype),
+        )
+
+
+def _to_mono(block: np.ndarray, channel: int | None) -> np.ndarray:
+    if block.shape[1] == 1:
+        mono = block[:, 0]
+    elif channel is None:
+        mono = block.mean(axis=1, dtype=np.float32)
+    else:
+        mono = block[:, channel]
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _check_finite(path: str, mono: np.ndarray, frames_before: int, rate: int) -> None:
+    finite = np.isfinite(mono)
+    if not finite.all():
+        first = frames_before + int(np.argmin(finite))
+        raise AudioError(path, f"contains NaN or infinite samples, the first at {first / rate:.3f} s")
+
+
+def iter_blocks(
+    path: str | os.PathLike[str],
+    target_rate: int,
+    *,
+    channel: int | None = None,
+    block_seconds: float = 30.0,
+    quality: str = "HQ",
+) -> Iterator[np.ndarray]:
+    """Yield contiguous float32 mono blocks of the file at ``target_rate`` Hz.
+
+    Multichannel audio is averaged over channels unless ``channel`` (0-based) picks one. The
+    blocks joined end to end equal ``soxr.resample`` of the whole file. Memory is bounded by
+    ``block_seconds`` of audio, whatever the length of the file.
+    """
+    p = os.fspath(path)
+    if int(target_rate) != target_rate or target_rate <= 0:
+        raise ValueError(f"target_rate must be a positive integer number of Hz, got {target_rate!r}")
+    if not block_seconds > 0:
+        raise ValueError(f"block_seconds must be positive, got {block_seconds!r}")
+    target_rate = int(target_rate)
+
+    with _open(p) as f:
+        in_rate, channels, expected = int(f.samplerate), int(f.channels), int(f.frames)
+        if channel is not None and not 0 <= channel < channels:
+            raise AudioError(
+                p,
+                f"channel {channel} requested but the file has {channels} channel(s) "
+                f"(0-based: 0..{channels - 1})",
+            )
+        block_frames = max(1, int(round(block_seconds * in_rate)))
+        stream = None
+        if in_rate != target_rate:
+            stream = soxr.ResampleStream(in_rate, target_rate, 1, dtype="float32", quality=quality)
+
+        read = 0
+        while True:
+            try:
+                block = f.read(block_frames, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as e:
+                raise AudioError(
+                    p, f"file is truncated or corrupt after {read / in_rate:.3f} s (libsndfile: {e})"
+                ) from e
+            if len(block) == 0:  # a short read is not the end: some decoders return partial blocks
+                break
+            mono = _to_mono(block, channel)
+            _check_finite(p, mono, read, in_rate)
+            read += len(mono)
+            out = mono if stream is None else stream.resample_chunk(mono, last=False)
+            if len(out):
+                yield out
+
+        tolerance = _MP3_LENGTH_TOLERANCE * expected if str(f.format) == "MP3" else 0
+        if read < expected - tolerance:
+            raise AudioError(
+                p,
+                f"file is truncated or corrupt after {read / in_rate:.3f} s "
+                f"(the header promises {expected / in_rate:.3f} s)",
+            )
+        if stream is not None:
+            tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            if len(tail):
+                yield np.ascontiguousarray(tail, dtype=np.float32)
+
+
+def load(
+    path: str | os.PathLike[str], target_rate: int, *, channel: int | None = None, quality: str = "HQ"
+) -> np.ndarray:
+    """The whole file as one float32 mono array at ``target_rate`` (for short files and tests)."""
+    blocks = list(iter_blocks(path, target_rate, channel=channel, quality=quality))
+    if not blocks:
+        return np.zeros(0, dtype=np.float32)
+    return np.concatenate(blocks)

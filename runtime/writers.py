@@ -1,0 +1,316 @@
+"""Outputs that open in numpy, pandas and Raven Pro, written so a crash never leaves half a file.
+
+Embeddings (:func:`write_embeddings`), chosen by suffix:
+
+* ``.npz``: arrays ``embeddings`` float32 [n, d], ``file`` (unicode), ``start`` and ``end`` float64
+  seconds, and ``metadata_json`` (0-d string holding the metadata as JSON). Loads with
+  ``np.load(path)``, no pickle needed.
+* ``.csv``: columns ``file,start,end,e0..e{d-1}``; floats round-trip exactly. Metadata goes to a
+  sidecar ``<path>.json`` because comment lines break ``pandas.read_csv`` by default.
+* ``.parquet`` (needs ``pip install "edgeenc[parquet]"``): columns ``file``, ``start``, ``end`` and
+  ``embedding`` (fixed-size list of float32); metadata in the schema metadata.
+
+Classifications (:func:`write_classifications`):
+
+* ``csv``: columns ``file,start,end,rank,label,score``; metadata in a sidecar ``<path>.json``.
+* ``raven``: a Raven Pro selection table (tab-separated ``.txt``) with BirdNET-style columns.
+  ``File Offset (s)`` is the time within the row's own file (``Begin Path``). ``Begin Time (s)`` is
+  the time on the timeline Raven builds when it opens the files as one sequence: for a single-file
+  table (or when ``file_durations`` is not given) it equals the file offset; with
+  ``file_durations`` it adds the durations of the files listed before, in order of first
+  appearance, as BirdNET's combined tables do.
+
+Every file is written to a temporary name in the same folder, flushed to disk and moved into
+place with ``os.replace``; an interrupted run leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import uuid
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import numpy as np
+
+__all__ = [
+    "WriterError",
+    "ParquetUnavailableError",
+    "ClassRow",
+    "EMBEDDING_SUFFIXES",
+    "CLASSIFICATION_FORMATS",
+    "RAVEN_COLUMNS",
+    "write_embeddings",
+    "write_classifications",
+]
+
+EMBEDDING_SUFFIXES = (".npz", ".csv", ".parquet")
+CLASSIFICATION_FORMATS = {".csv": "csv", ".txt": "raven"}
+RAVEN_COLUMNS = (
+    "Selection",
+    "View",
+    "Channel",
+    "Begin Path",
+    "File Offset (s)",
+    "Begin Time (s)",
+    "End Time (s)",
+    "Low Freq (Hz)",
+    "High Freq (Hz)",
+    "Species",
+    "Score",
+    "Rank",
+)
+
+
+class WriterError(Exception):
+    """An output that cannot be written as asked."""
+
+
+class ParquetUnavailableError(WriterError, ImportError):
+    """Parquet output was asked for but pyarrow is not installed."""
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    file: str
+    start: float
+    end: float
+    rank: int  # 1-based within its window
+    label: str
+    score: float
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str) -> Iterator[str]:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    # Created through os.open so the final file gets the usual umask permissions, not mkstemp's 0600.
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    # Makes the rename itself survive a power cut; not possible on every OS, hence best effort.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_text(path: str) -> Iterator[TextIO]:
+    with _atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        yield f
+
+
+def _write_sidecar(path: str, metadata: Mapping[str, Any] | None) -> None:
+    if metadata is None:
+        return
+    with _atomic_text(path + ".json") as f:
+        json.dump(dict(metadata), f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+
+def _float(x: float) -> str:
+    return repr(float(x))
+
+
+def write_embeddings(
+    path: str | os.PathLike[str],
+    files: Sequence[str],
+    starts: Sequence[float] | np.ndarray,
+    ends: Sequence[float] | np.ndarray,
+    embeddings: np.ndarray,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Write one row per window: file, start and end seconds, embedding; format by suffix."""
+    p = os.fspath(path)
+    suffix = os.path.splitext(p)[1].lower()
+    if suffix not in EMBEDDING_SUFFIXES:
+        raise WriterError(
+            f"{p}: unsupported embeddings format {suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(EMBEDDING_SUFFIXES)}"
+        )
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2:
+        raise WriterError(f"{p}: embeddings must be a 2-D array [windows, dim], got shape {emb.shape}")
+    starts_a = np.asarray(starts, dtype=np.float64).reshape(-1)
+    ends_a = np.asarray(ends, dtype=np.float64).reshape(-1)
+    files_l = [os.fspath(f) for f in files]
+    n = emb.shape[0]
+    if not len(files_l) == len(starts_a) == len(ends_a) == n:
+        raise WriterError(
+            f"{p}: got {n} embeddings but {len(files_l)} files, {len(starts_a)} starts and "
+            f"{len(ends_a)} ends; there must be one of each per embedding"
+        )
+    meta = dict(metadata or {})
+
+    if suffix == ".npz":
+        _write_npz(p, files_l, starts_a, ends_a, emb, meta)
+    elif suffix == ".csv":
+        _write_embeddings_csv(p, files_l, starts_a, ends_a, emb)
+        _write_sidecar(p, meta)
+    else:
+        _write_parquet(p, files_l, starts_a, ends_a, emb, meta)
+
+
+def _write_npz(
+    p: str, files: list[str], starts: np.ndarray, ends: np.ndarray, emb: np.ndarray, meta: dict[str, Any]
+) -> None:
+    arrays = {
+        "embeddings": emb,
+        "file": np.array(files, dtype=str),
+        "start": starts,
+        "end": ends,
+        "metadata_json": np.array(json.dumps(meta, sort_keys=True, default=str)),
+    }
+    # Written as np.savez does (a zip of .npy members), by hand because np.savez's own first
+    # parameter is called "file" and so cannot take an array of that name.
+    with _atomic_path(p) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
+
+
+def _write_embeddings_csv(p: str, files: list[str], starts: np.ndarray, ends: np.ndarray, emb: np.ndarray) -> None:
+    with _atomic_text(p) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["file", "start", "end", *(f"e{i}" for i in range(emb.shape[1]))])
+        for name, s, e, row in zip(files, starts.tolist(), ends.tolist(), emb, strict=True):
+            # Nine significant digits round-trip any float32.
+            w.writerow([name, _float(s), _float(e), *(format(v, ".9g") for v in row.tolist())])
+
+
+def _write_parquet(
+    p: str, files: list[str], starts: np.ndarray, ends: np.ndarray, emb: np.ndarray, meta: dict[str, Any]
+) -> None:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ParquetUnavailableError(
+            f'{p}: writing .parquet needs pyarrow, which is not installed; run pip install "edgeenc[parquet]" '
+            "or choose .npz or .csv"
+        ) from e
+    d = emb.shape[1]
+    embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), d)
+    table = pa.table(
+        {
+            "file": pa.array(files, type=pa.string()),
+            "start": pa.array(starts, type=pa.float64()),
+            "end": pa.array(ends, type=pa.float64()),
+            "embedding": embedding,
+        }
+    )
+    schema_meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()}
+    table = table.replace_schema_metadata(schema_meta)
+    with _atomic_path(p) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_classifications(
+    path: str | os.PathLike[str],
+    rows: Sequence[ClassRow],
+    *,
+    format: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    sample_rate: int | None = None,
+    file_durations: Mapping[str, float] | None = None,
+) -> None:
+    """Write class scores as CSV or as a Raven Pro selection table (see the module docstring).
+
+    ``format`` defaults from the suffix (.csv -> csv, .txt -> raven). Raven tables need
+    ``sample_rate`` (the model's, for ``High Freq (Hz)`` = sample_rate / 2).
+    """
+    p = os.fspath(path)
+    suffix = os.path.splitext(p)[1].lower()
+    fmt = format if format is not None else CLASSIFICATION_FORMATS.get(suffix)
+    if fmt not in ("csv", "raven"):
+        known = ", ".join(f"{s} -> {f}" for s, f in CLASSIFICATION_FORMATS.items())
+        what = f"format {format!r}" if format is not None else f"suffix {suffix or '(no suffix)'!r}"
+        raise WriterError(f"{p}: unsupported classification {what}; formats are csv and raven ({known})")
+    if fmt == "csv":
+        _write_classes_csv(p, rows)
+    else:
+        if sample_rate is None or sample_rate <= 0:
+            raise WriterError(
+                f"{p}: a Raven selection table needs the model's sample_rate (for High Freq = sample_rate / 2)"
+            )
+        _write_raven(p, rows, sample_rate, file_durations)
+    _write_sidecar(p, metadata)
+
+
+def _write_classes_csv(p: str, rows: Sequence[ClassRow]) -> None:
+    with _atomic_text(p) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["file", "start", "end", "rank", "label", "score"])
+        for r in rows:
+            w.writerow([r.file, _float(r.start), _float(r.end), int(r.rank), r.label, _float(r.score)])
+
+
+def _raven_field(p: str, value: str, what: str) -> str:
+    # Raven's tab-separated tables have no quoting, so a tab or newline would shift every column.
+    if any(c in value for c in "\t\r\n"):
+        raise WriterError(f"{p}: {what} {value!r} contains a tab or newline, which a Raven table cannot hold")
+    return value
+
+
+def _raven_offsets(p: str, rows: Sequence[ClassRow], durations: Mapping[str, float] | None) -> dict[str, float]:
+    order = list(dict.fromkeys(r.file for r in rows))
+    if durations is None:
+        return dict.fromkeys(order, 0.0)
+    missing = [f for f in order if f not in durations]
+    if missing:
+        raise WriterError(f"{p}: file_durations has no duration for {missing[0]!r}")
+    offsets, t = {}, 0.0
+    for name in order:
+        offsets[name] = t
+        t += float(durations[name])
+    return offsets
+
+
+def _write_raven(
+    p: str, rows: Sequence[ClassRow], sample_rate: int, durations: Mapping[str, float] | None
+) -> None:
+    offsets = _raven_offsets(p, rows, durations)
+    high = _float(sample_rate / 2)
+    with _atomic_text(p) as f:
+        f.write("\t".join(RAVEN_COLUMNS) + "\n")
+        for i, r in enumerate(rows, start=1):
+            off = offsets[r.file]
+            fields = [
+                str(i),
+                "Spectrogram 1",
+                "1",
+                _raven_field(p, r.file, "file path"),
+                _float(r.start),
+                _float(r.start + off),
+                _float(r.end + off),
+                "0",
+                high,
+                _raven_field(p, r.label, "label"),
+                _float(r.score),
+                str(int(r.rank)),
+            ]
+            f.write("\t".join(fields) + "\n")
