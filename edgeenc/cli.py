@@ -141,9 +141,185 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     typer.echo("all file hashes match the manifest")
 
 
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf", ".opus")
+
+
+def expand_audio(paths: list[Path]) -> list[Path]:
+    """Files as given, and every audio file under the given folders (sorted, recursive)."""
+    found: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES))
+        else:
+            found.append(path)
+    return found
+
+
+def _open_encoder(bundle: Path, device: str, threads: int | None):
+    from edgeenc.export.bundle import BundleError
+    from edgeenc.runtime.backends import BackendUnavailable
+    from edgeenc.runtime.encoder import Encoder
+
+    try:
+        encoder = Encoder.load(bundle, device, threads=threads)
+    except (BundleError, BackendUnavailable, ValueError) as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None
+    for line in encoder.backend_log:
+        note(line)
+    if encoder.manifest.get("random_init"):
+        note("warning: this bundle holds RANDOM weights (--random-init): outputs are meaningless")
+    return encoder
+
+
+def _run_files(encoder, files: list[Path], options: dict):
+    """Yield FileOutcomes with a progress bar over audio hours; errors are reported as they happen."""
+    from tqdm import tqdm
+
+    from edgeenc.runtime.audio import AudioError, probe
+
+    total = 0.0
+    for path in files:
+        try:
+            total += probe(path).duration_seconds
+        except AudioError:
+            pass  # reported when its turn comes
+    bar = tqdm(total=round(total / 3600, 4), unit="h", desc="audio", file=sys.stderr,
+               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}] {postfix}",
+               disable=None)
+    done = failed = 0
+    try:
+        for outcome in encoder.embed_files([str(f) for f in files], **options):
+            if outcome.error:
+                failed += 1
+                tqdm.write(f"error: {outcome.path}: {outcome.error}", file=sys.stderr)
+            else:
+                done += 1
+                bar.update(round(outcome.audio_seconds / 3600, 4))
+            bar.set_postfix_str(f"{done + failed}/{len(files)} files, {failed} failed")
+            yield outcome
+    finally:
+        bar.close()
+
+
+def _summary(done: int, failed: int, out: Path) -> None:
+    note(f"{done} file(s) done, {failed} failed; wrote {out}")
+    if failed and not done:
+        raise typer.Exit(EXIT_SOME_FILES_FAILED)
+    if failed:
+        raise typer.Exit(EXIT_SOME_FILES_FAILED)
+
+
+@app.command()
+def embed(
+    bundle: Path = typer.Argument(..., help="a bundle folder"),
+    audio: list[Path] = typer.Argument(..., help="audio files or folders (walked recursively)"),
+    out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
+    window: float | None = typer.Option(None, help="window seconds (default: the model's native length)"),
+    hop: float | None = typer.Option(None, help="hop seconds (default: = window)"),
+    last: str = typer.Option("short", help="last partial window: short (true length), pad, or drop"),
+    device: str = typer.Option("auto", help="auto, trt, cuda or cpu"),
+    batch: int = typer.Option(8, help="windows per inference batch"),
+    channel: int | None = typer.Option(None, help="use this channel (0-based) instead of the mean"),
+    threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
+) -> None:
+    """Embed recordings: one row per window with file, start, end and the embedding."""
+    import numpy as np
+
+    from edgeenc.runtime.writers import WriterError, write_embeddings
+
+    files = expand_audio(audio)
+    if not files:
+        err("no audio files found in " + ", ".join(map(str, audio)))
+        raise typer.Exit(2)
+    encoder = _open_encoder(bundle, device, threads)
+    options = {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
+    names, starts, ends, embeddings = [], [], [], []
+    done = failed = 0
+    for outcome in _run_files(encoder, files, options):
+        if outcome.error:
+            failed += 1
+            continue
+        done += 1
+        result = outcome.result
+        names += [outcome.path] * len(result)
+        starts.append(result.starts)
+        ends.append(result.ends)
+        embeddings.append(result.embeddings)
+    dim = encoder.embedding_dim
+    try:
+        write_embeddings(
+            out, names,
+            np.concatenate(starts) if starts else np.zeros(0), np.concatenate(ends) if ends else np.zeros(0),
+            np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
+            {**encoder.metadata, "files_failed": str(failed)},
+        )
+    except WriterError as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None
+    _summary(done, failed, out)
+
+
+@app.command()
+def classify(
+    bundle: Path = typer.Argument(..., help="a bundle folder of a model with a classifier"),
+    audio: list[Path] = typer.Argument(..., help="audio files or folders (walked recursively)"),
+    out: Path = typer.Option(Path("detections.csv"), "-o", "--out", help=".csv table or .txt Raven selection table"),
+    top_k: int = typer.Option(5, "--top-k", help="labels per window"),
+    threshold: float | None = typer.Option(None, help="keep only scores >= this"),
+    activation: str = typer.Option("softmax", help="softmax (one label per window) or sigmoid (independent)"),
+    window: float | None = typer.Option(None, help="window seconds (default: the model's native length)"),
+    hop: float | None = typer.Option(None, help="hop seconds (default: = window)"),
+    last: str = typer.Option("short", help="last partial window: short, pad, or drop"),
+    device: str = typer.Option("auto", help="auto, trt, cuda or cpu"),
+    batch: int = typer.Option(8, help="windows per inference batch"),
+    channel: int | None = typer.Option(None, help="use this channel (0-based) instead of the mean"),
+    threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
+) -> None:
+    """Classify recordings: the top-k labels with scores for every window."""
+    from edgeenc.runtime.encoder import top_k_rows
+    from edgeenc.runtime.writers import WriterError, write_classifications
+
+    files = expand_audio(audio)
+    if not files:
+        err("no audio files found in " + ", ".join(map(str, audio)))
+        raise typer.Exit(2)
+    encoder = _open_encoder(bundle, device, threads)
+    if "logits" not in encoder.output_names:
+        err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
+        raise typer.Exit(2)
+    options = {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
+    rows, durations = [], {}
+    done = failed = 0
+    for outcome in _run_files(encoder, files, options):
+        if outcome.error:
+            failed += 1
+            continue
+        done += 1
+        durations[outcome.path] = outcome.audio_seconds
+        rows += top_k_rows(outcome.result, encoder.labels, top_k=top_k, threshold=threshold, activation=activation)
+    try:
+        write_classifications(out, rows, metadata={**encoder.metadata, "activation": activation},
+                              sample_rate=encoder.sample_rate, file_durations=durations)
+    except (WriterError, ValueError) as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None
+    _summary(done, failed, out)
+
+
 def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
         err("interrupted")
         sys.exit(130)
+
+
+def _register_extra_commands() -> None:
+    # Each lives in its own module so that importing the CLI stays light (no torch, no tensorrt).
+    from edgeenc.cli_tensorrt import build
+
+    app.command("build")(build)
+
+
+_register_extra_commands()

@@ -1,0 +1,135 @@
+"""Backends behind one small protocol, and `--device auto` with honest fallback.
+
+Order for auto: a TensorRT engine built for this GPU and TensorRT version, then ONNX Runtime
+CUDA, then ONNX Runtime CPU. Every skipped backend is logged with the reason. onnxruntime-gpu
+silently falls back to CPU when CUDA cannot load, so the CUDA backend checks the providers the
+session really got.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+log = logging.getLogger("edgeenc.runtime")
+
+DEVICES = ("auto", "trt", "cuda", "cpu")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested backend cannot run here; the message says what to install or build."""
+
+
+class Backend(Protocol):
+    name: str  # "trt", "cuda" or "cpu"
+    description: str  # what actually runs, e.g. "onnxruntime 1.32.0 CPUExecutionProvider, 2 threads"
+
+    def run(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+def import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "no ONNX Runtime is installed: pip install 'edgeenc[cpu]' (CPU) or 'edgeenc[gpu]' (CUDA; never both)"
+        ) from exc
+    return onnxruntime
+
+
+class OrtBackend:
+    """ONNX Runtime session on one execution provider."""
+
+    def __init__(self, model_path: Path, output_names: list[str], *, provider: str, threads: int | None = None):
+        ort = import_onnxruntime()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        active = self.session.get_providers()
+        if active[0] != provider:
+            raise BackendUnavailable(
+                f"onnxruntime created the session on {active[0]} instead of {provider} "
+                "(CUDA or cuDNN libraries not found?)"
+            )
+        self.output_names = output_names
+        self.name = "cpu" if provider == "CPUExecutionProvider" else "cuda"
+        thread_note = f", {threads} threads" if threads else ""
+        self.description = f"onnxruntime {ort.__version__} {provider} ({Path(model_path).name}{thread_note})"
+
+    def run(self, audio: np.ndarray) -> dict[str, np.ndarray]:
+        feed = {"audio": np.ascontiguousarray(audio, dtype=np.float32)}
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+    def close(self) -> None:
+        self.session = None
+
+
+def cpu_model(bundle: Path, manifest: dict) -> Path:
+    """model.cpu.onnx (ONNX Runtime-optimised) when the bundle has one that passed, else model.onnx."""
+    variant = manifest.get("variants", {}).get("model.cpu.onnx")
+    if variant and variant.get("parity") and (bundle / "model.cpu.onnx").is_file():
+        return bundle / "model.cpu.onnx"
+    return bundle / "model.onnx"
+
+
+def _try_trt(bundle: Path, manifest: dict, output_names: list[str]) -> Backend:
+    try:
+        from .tensorrt_backend import TensorRTBackend
+    except ImportError as exc:
+        raise BackendUnavailable(f"TensorRT backend unavailable ({exc})") from exc
+    return TensorRTBackend.from_bundle(bundle, manifest, output_names)
+
+
+def _try_cuda(bundle: Path, output_names: list[str]) -> Backend:
+    ort = import_onnxruntime()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable(
+            f"this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider: install 'edgeenc[gpu]' "
+            "(onnxruntime-gpu) instead of onnxruntime, not beside it"
+        )
+    return OrtBackend(bundle / "model.onnx", output_names, provider="CUDAExecutionProvider")
+
+
+def select_backend(
+    bundle: Path, manifest: dict, output_names: list[str], device: str = "auto", threads: int | None = None
+) -> tuple[Backend, list[str]]:
+    """The backend to run and a log of why others were skipped. Explicit devices never fall back."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    bundle = Path(bundle)
+    threads = threads or _default_threads()
+    attempts = {
+        "trt": lambda: _try_trt(bundle, manifest, output_names),
+        "cuda": lambda: _try_cuda(bundle, output_names),
+        "cpu": lambda: OrtBackend(cpu_model(bundle, manifest), output_names, provider="CPUExecutionProvider",
+                                  threads=threads),
+    }
+    order = ["trt", "cuda", "cpu"] if device == "auto" else [device]
+    notes: list[str] = []
+    for name in order:
+        try:
+            backend = attempts[name]()
+        except BackendUnavailable as exc:
+            if device != "auto":
+                raise
+            notes.append(f"skipped {name}: {exc}")
+            log.info("skipped %s: %s", name, exc)
+            continue
+        notes.append(f"running on {backend.name}: {backend.description}")
+        log.info("running on %s: %s", backend.name, backend.description)
+        return backend, notes
+    raise BackendUnavailable("no backend could run this bundle:\n  " + "\n  ".join(notes))
+
+
+def _default_threads() -> int | None:
+    value = os.environ.get("EDGEENC_THREADS")
+    return int(value) if value else None

@@ -1,0 +1,327 @@
+"""The Encoder API: a bundle in, embeddings and class scores per window out. Never imports torch.
+
+Everything about the model (sample rate, window length, minimum input, embedding width, labels)
+comes from the bundle's manifest, or from the ONNX metadata when given a bare model.onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgeenc.export.bundle import BundleError, read_manifest, verify_bundle
+
+from .audio import AudioError, iter_blocks
+from .backends import Backend, select_backend
+from .windows import Window, WindowBatcher, iter_windows
+from .writers import ClassRow
+
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+@dataclass
+class EmbeddingResult:
+    """Per-window results of one recording (or one array)."""
+
+    file: str | None
+    starts: np.ndarray  # [n] seconds
+    ends: np.ndarray  # [n] seconds
+    embeddings: np.ndarray  # [n, dim] float32
+    logits: np.ndarray | None = None  # [n, classes] float32 when the bundle has a classifier
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+
+@dataclass
+class FileOutcome:
+    """One file of a multi-file run: a result or the error that stopped it."""
+
+    path: str
+    result: EmbeddingResult | None = None
+    error: str | None = None
+    audio_seconds: float = 0.0
+
+
+@dataclass
+class _Pending:
+    path: str
+    windows: list[Window] = field(default_factory=list)
+    outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    done_reading: bool = False
+    error: str | None = None
+
+
+def scores(logits: np.ndarray, activation: str = "softmax") -> np.ndarray:
+    if activation == "softmax":
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(shifted)
+        return e / e.sum(axis=1, keepdims=True)
+    if activation == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-logits))
+    raise ValueError(f"unknown activation {activation!r}; choose {' or '.join(ACTIVATIONS)}")
+
+
+def _manifest_from_onnx(path: Path) -> dict:
+    from .backends import import_onnxruntime
+
+    ort = import_onnxruntime()
+    meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    if "sample_rate" not in meta:
+        raise BundleError(f"{path}: no edgeenc metadata (sample_rate, window_seconds) in the ONNX file")
+    outputs = [{"name": "tokens"}, {"name": "embedding"}]
+    if int(meta.get("num_classes", "0")):
+        outputs.append({"name": "logits"})
+    return {
+        "model_id": meta.get("model_id"),
+        "sample_rate": int(meta["sample_rate"]),
+        "window_seconds": float(meta["window_seconds"]),
+        "min_samples": int(meta.get("min_samples", "400")),
+        "embedding_dim": int(meta["embedding_dim"]),
+        "num_classes": int(meta.get("num_classes", "0")),
+        "random_init": meta.get("random_init") == "true",
+        "licence": meta.get("licence"),
+        "outputs": outputs,
+    }
+
+
+class Encoder:
+    """Runs a bundle on the best (or the requested) backend."""
+
+    def __init__(self, bundle: Path, manifest: dict, backend: Backend, labels: list[str] | None, log: list[str]):
+        self.bundle = bundle
+        self.manifest = manifest
+        self.backend = backend
+        self.labels = labels
+        self.backend_log = log
+        self.sample_rate = int(manifest["sample_rate"])
+        self.window_seconds = float(manifest["window_seconds"])
+        self.min_samples = int(manifest.get("min_samples", 1))
+        self.embedding_dim = int(manifest["embedding_dim"])
+        self.output_names = [o["name"] for o in manifest["outputs"] if o["name"] in ("embedding", "logits")]
+
+    @classmethod
+    def load(
+        cls, bundle_dir: str | os.PathLike, device: str = "auto", *, threads: int | None = None, verify: bool = True
+    ) -> Encoder:
+        """Open a bundle folder (or a bare model.onnx with edgeenc metadata)."""
+        path = Path(bundle_dir)
+        if path.is_file() and path.suffix == ".onnx":
+            manifest, bundle = _manifest_from_onnx(path), path.parent
+            manifest["variants"] = {}
+        else:
+            bundle, manifest = path, read_manifest(path)
+            if verify:
+                problems = verify_bundle(bundle, manifest)
+                if problems:
+                    raise BundleError(f"{bundle}: " + "; ".join(problems) + " (re-export the bundle)")
+        labels = None
+        if int(manifest.get("num_classes") or 0):
+            labels_path = bundle / "labels.json"
+            labels = json.loads(labels_path.read_text()) if labels_path.is_file() else None
+            if labels is None:
+                labels = [f"class_{i}" for i in range(int(manifest["num_classes"]))]
+        names = [o["name"] for o in manifest["outputs"] if o["name"] in ("embedding", "logits")]
+        backend, log = select_backend(bundle, manifest, names, device, threads)
+        return cls(bundle, manifest, backend, labels, log)
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """What every output file carries about where its numbers came from."""
+        m = self.manifest
+        return {
+            "model_id": str(m.get("model_id")),
+            "bundle": str(self.bundle),
+            "checkpoint_sha256": str(m.get("checkpoint_sha256")),
+            "random_init": str(bool(m.get("random_init"))).lower(),
+            "licence": str(m.get("licence")),
+            "backend": self.backend.description,
+            "sample_rate": str(self.sample_rate),
+        }
+
+    def _windows(self, blocks: Iterable[np.ndarray], window: float | None, hop: float | None, last: str):
+        return iter_windows(
+            blocks, self.sample_rate, window or self.window_seconds, hop, min_samples=self.min_samples, last=last
+        )
+
+    def run_batch(self, samples: np.ndarray) -> dict[str, np.ndarray]:
+        if not np.all(np.isfinite(samples)):
+            raise ValueError("audio contains NaN or infinite samples")
+        return self.backend.run(samples)
+
+    def embed(
+        self,
+        samples: np.ndarray,
+        sample_rate: int,
+        *,
+        window_seconds: float | None = None,
+        hop_seconds: float | None = None,
+        last: str = "short",
+        batch_size: int = 8,
+    ) -> EmbeddingResult:
+        """Embed an in-memory mono (or [n, channels], averaged) signal, resampled to the model's rate."""
+        audio = np.asarray(samples, dtype=np.float32)
+        if audio.ndim == 2:
+            audio = audio.mean(axis=1)
+        if audio.ndim != 1:
+            raise ValueError(f"expected mono [n] or [n, channels] samples, got shape {audio.shape}")
+        if sample_rate != self.sample_rate:
+            import soxr
+
+            audio = soxr.resample(audio, sample_rate, self.sample_rate, quality="HQ").astype(np.float32)
+        if len(audio) < self.min_samples:
+            raise ValueError(f"{len(audio)} samples is shorter than the model's minimum of {self.min_samples}")
+        outcome = next(iter(self._run_files([("<array>", [audio])], window_seconds, hop_seconds, last, batch_size)))
+        if outcome.error:
+            raise ValueError(outcome.error)
+        assert outcome.result is not None
+        outcome.result.file = None
+        return outcome.result
+
+    def classify(
+        self,
+        samples: np.ndarray,
+        sample_rate: int,
+        *,
+        top_k: int = 5,
+        threshold: float | None = None,
+        activation: str = "softmax",
+        **window_options,
+    ) -> list[ClassRow]:
+        """Top-k labels with scores for each window of an in-memory signal."""
+        self._require_classifier()
+        result = self.embed(samples, sample_rate, **window_options)
+        return top_k_rows(result, self.labels or [], top_k=top_k, threshold=threshold, activation=activation)
+
+    def classify_file(
+        self,
+        path: str | os.PathLike,
+        *,
+        top_k: int = 5,
+        threshold: float | None = None,
+        activation: str = "softmax",
+        **options,
+    ) -> list[ClassRow]:
+        self._require_classifier()
+        result = self.embed_file(path, **options)
+        return top_k_rows(result, self.labels or [], top_k=top_k, threshold=threshold, activation=activation)
+
+    def _require_classifier(self) -> None:
+        if "logits" not in self.output_names:
+            raise ValueError(
+                f"{self.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings"
+            )
+
+    def embed_file(self, path: str | os.PathLike, *, channel: int | None = None, **kwargs) -> EmbeddingResult:
+        """Embed one recording; raises AudioError for unreadable or bad audio."""
+        outcome = next(iter(self.embed_files([path], channel=channel, **kwargs)))
+        if outcome.error:
+            raise AudioError(outcome.path, outcome.error)
+        assert outcome.result is not None
+        return outcome.result
+
+    def embed_files(
+        self,
+        paths: Sequence[str | os.PathLike],
+        *,
+        channel: int | None = None,
+        window_seconds: float | None = None,
+        hop_seconds: float | None = None,
+        last: str = "short",
+        batch_size: int = 8,
+    ) -> Iterator[FileOutcome]:
+        """Embed many recordings, batching windows across files; one outcome per file, in order.
+
+        A bad file yields an outcome with `error` set; the others still complete.
+        """
+        sources = ((str(p), iter_blocks(p, self.sample_rate, channel=channel)) for p in paths)
+        yield from self._run_files(sources, window_seconds, hop_seconds, last, batch_size)
+
+    def _run_files(self, sources, window_seconds, hop_seconds, last, batch_size) -> Iterator[FileOutcome]:
+        batcher = WindowBatcher(batch_size)
+        pending: list[_Pending] = []
+
+        def run(batches) -> None:
+            for batch in batches:
+                try:
+                    outputs = self.run_batch(batch.samples)
+                except ValueError as exc:  # NaN in one file must not sink the others of the batch
+                    outputs = None
+                    reason = str(exc)
+                for row, (file_index, window_index) in enumerate(batch.keys):
+                    if file_index < offset:
+                        continue  # that file already failed and was reported
+                    item = pending[file_index - offset]
+                    if outputs is None:
+                        item.error = item.error or reason
+                    else:
+                        item.outputs[window_index] = {k: v[row] for k, v in outputs.items()}
+
+        offset = 0
+        for file_index, (path, blocks) in enumerate(sources):
+            item = _Pending(path)
+            pending.append(item)
+            try:
+                for window_index, window in enumerate(self._windows(blocks, window_seconds, hop_seconds, last)):
+                    item.windows.append(Window(window.start_seconds, window.end_seconds, np.empty(0, np.float32)))
+                    run(batcher.add((file_index, window_index), window))
+                if not item.windows:
+                    item.error = f"no window of at least {self.min_samples} samples (the file is too short)"
+            except AudioError as exc:
+                item.error = exc.reason
+            except (ValueError, OSError, RuntimeError) as exc:
+                item.error = str(exc)
+            item.done_reading = True
+            # Flush when nothing else is queued, so results of short runs appear without waiting.
+            while pending and _complete(pending[0]):
+                yield _finish(pending.pop(0), self)
+                offset += 1
+        run(batcher.flush())
+        for item in pending:
+            yield _finish(item, self)
+
+
+def _complete(item: _Pending) -> bool:
+    return item.done_reading and (item.error is not None or len(item.outputs) == len(item.windows))
+
+
+def _finish(item: _Pending, encoder: Encoder) -> FileOutcome:
+    if item.error is not None:
+        return FileOutcome(item.path, error=item.error)
+    n = len(item.windows)
+    starts = np.array([w.start_seconds for w in item.windows], dtype=np.float64)
+    ends = np.array([w.end_seconds for w in item.windows], dtype=np.float64)
+    emb = np.stack([item.outputs[i]["embedding"] for i in range(n)]).astype(np.float32)
+    logits = None
+    if "logits" in encoder.output_names:
+        logits = np.stack([item.outputs[i]["logits"] for i in range(n)]).astype(np.float32)
+    seconds = float(ends.max()) if n else 0.0
+    return FileOutcome(item.path, EmbeddingResult(item.path, starts, ends, emb, logits), audio_seconds=seconds)
+
+
+def top_k_rows(
+    result: EmbeddingResult,
+    labels: Sequence[str],
+    *,
+    top_k: int = 5,
+    threshold: float | None = None,
+    activation: str = "softmax",
+) -> list[ClassRow]:
+    """Top-k labels per window, keeping only scores >= threshold when given."""
+    if result.logits is None:
+        raise ValueError("this bundle has no classifier head: use `edgeenc embed` for embeddings")
+    probabilities = scores(result.logits.astype(np.float64), activation)
+    rows = []
+    k = max(1, min(top_k, probabilities.shape[1]))
+    for i, p in enumerate(probabilities):
+        for rank, cls in enumerate(np.argsort(-p, kind="stable")[:k], start=1):
+            if threshold is not None and p[cls] < threshold:
+                break
+            rows.append(ClassRow(result.file or "", float(result.starts[i]), float(result.ends[i]), rank,
+                                 labels[cls], float(p[cls])))
+    return rows
