@@ -307,6 +307,50 @@ def classify(
     _summary(done, failed, out)
 
 
+DEFAULT_MODEL = "esp_aves2_sl_eat_all_ssl_all"
+
+
+@app.command()
+def demo(
+    model_id: str = typer.Argument(DEFAULT_MODEL, help="model to export"),
+    out: Path = typer.Option(Path("bundles") / "demo", "-o", "--out", help="bundle folder"),
+    random_init_if_offline: bool = typer.Option(
+        True, help="when the hub cannot be reached, continue with RANDOM weights (loudly flagged)"
+    ),
+) -> None:
+    """The whole path on built-in defaults: export MODEL_ID, then classify the bundled bird recording."""
+    from importlib import resources
+
+    from edgeenc.models.checkpoints import CheckpointUnavailable, load_model
+
+    try:
+        loaded = load_model(model_id)
+    except CheckpointUnavailable as exc:
+        if not random_init_if_offline:
+            err(str(exc))
+            raise typer.Exit(2) from None
+        note(f"warning: {exc}")
+        note("warning: continuing the DEMO with RANDOM weights: every number below is meaningless, "
+             "and the bundle and outputs are flagged random_init")
+        loaded = load_model(model_id, random_init=True)
+    from edgeenc.export.pipeline import export_bundle
+
+    result = export_bundle(loaded, out, progress=_progress_printer())
+    note(f"bundle: {out} (parity {'passed' if result.passed else 'FAILED'})")
+    from edgeenc.runtime.encoder import Encoder, top_k_rows
+
+    encoder = Encoder.load(out)
+    with resources.as_file(resources.files("edgeenc") / "data" / "birds_10s.wav") as wav:
+        embedding = encoder.embed_file(wav)
+    typer.echo(f"{wav.name}: {len(embedding)} window(s) of {encoder.window_seconds:g} s, "
+               f"embedding dim {encoder.embedding_dim}, backend {encoder.backend.description}")
+    if embedding.logits is not None:
+        for row in top_k_rows(embedding, encoder.labels, top_k=3):
+            typer.echo(f"  {row.start:6.2f}-{row.end:6.2f} s  #{row.rank}  {row.label:32} {row.score:.3f}")
+    if not result.passed:
+        raise typer.Exit(EXIT_PARITY_FAILED)
+
+
 def main() -> None:
     try:
         app()
@@ -317,9 +361,16 @@ def main() -> None:
 
 def _register_extra_commands() -> None:
     # Each lives in its own module so that importing the CLI stays light (no torch, no tensorrt).
+    from edgeenc.cli_bench import bench, optimize
     from edgeenc.cli_tensorrt import build
+    from edgeenc.cli_watch import export_db, search, watch
 
     app.command("build")(build)
+    app.command("bench")(bench)
+    app.command("optimize")(optimize)
+    app.command("watch")(watch)
+    app.command("export-db")(export_db)
+    app.command("search")(search)
 
 
 _register_extra_commands()

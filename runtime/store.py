@@ -1,0 +1,460 @@
+"""Crash-safe results of the recorder mode (`edgeenc watch`) in one SQLite file. Stdlib only, no torch.
+
+Tables::
+
+    meta        key, value: model_id, bundle_hash, embedding_dim the database is bound to
+    files       id, path UNIQUE, size, mtime, mtime_ns, sha256, status ('done'|'failed'), error,
+                model_id, bundle_hash, processed_at (UTC ISO 8601), audio_seconds;
+                UNIQUE (sha256, bundle_hash): one content is processed once per bundle
+    aliases     path, size, mtime_ns, file_id: other names of content already in `files`
+    windows     id, file_id, start, end, embedding (BLOB, float32 little-endian), dim
+    detections  window_id, label, rank, score
+
+Crash safety: the database is in WAL mode and every file is written in ONE transaction
+(``BEGIN IMMEDIATE`` ... ``COMMIT``): its `files` row, all its windows and detections, and the
+deletion of the rows it replaces. SQLite's journal makes that all-or-nothing, so a kill -9 or a
+power cut leaves either every row of a file or none, and the next run simply processes the file again.
+
+``synchronous=FULL``: in WAL mode NORMAL already keeps the database consistent through a power cut,
+but may lose the last few commits; FULL fsyncs the WAL at every commit, so a file reported "done" is
+on disk. It costs one fsync per recording (recordings arrive every few minutes), which is nothing.
+
+One writer: :meth:`Store.open` takes an exclusive ``fcntl.flock`` on ``<db>.lock``. The kernel
+releases a flock when its process dies (kill -9 included), so a crash never leaves a stale lock, and
+a second watcher on the same database is refused with :class:`StoreLocked`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "bundle_identity", "export_table", "TEST_STALL_ENV"]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+# Test hook: "N:MARKER" makes the N-th recorded file (1-based) stall inside its transaction after its
+# windows are inserted: MARKER is written (holding the file's path) and the process sleeps, to be killed.
+TEST_STALL_ENV = "EDGEENC_TEST_STALL_IN_TRANSACTION"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    path TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('done', 'failed')),
+    error TEXT,
+    model_id TEXT,
+    bundle_hash TEXT NOT NULL,
+    processed_at TEXT NOT NULL,
+    audio_seconds REAL NOT NULL DEFAULT 0,
+    UNIQUE (sha256, bundle_hash)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS windows (
+    id INTEGER PRIMARY KEY,
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    start REAL NOT NULL,
+    "end" REAL NOT NULL,
+    embedding BLOB NOT NULL,
+    dim INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS windows_file ON windows(file_id);
+CREATE TABLE IF NOT EXISTS detections (
+    window_id INTEGER NOT NULL REFERENCES windows(id) ON DELETE CASCADE,
+    label TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    score REAL NOT NULL,
+    PRIMARY KEY (window_id, rank)
+);
+CREATE INDEX IF NOT EXISTS aliases_file ON aliases(file_id);
+"""
+
+
+class StoreError(Exception):
+    """A results database that cannot be used as asked."""
+
+
+class StoreLocked(StoreError):
+    """Another process is writing to this database."""
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What identifies one version of one file on disk."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+def bundle_identity(bundle: Path, manifest: dict) -> tuple[str, str]:
+    """(model_id, bundle_hash): the hash is model.onnx's sha256 as the manifest records it."""
+    entry = manifest.get("files", {}).get("model.onnx")
+    if entry and entry.get("sha256"):
+        digest = str(entry["sha256"])
+    else:
+        from edgeenc.export.bundle import sha256_file
+
+        onnx = Path(bundle) / "model.onnx"
+        if not onnx.is_file():
+            raise StoreError(f"{bundle}: no model.onnx to identify the bundle by")
+        digest = sha256_file(onnx)
+    return str(manifest.get("model_id")), digest
+
+
+class _Lock:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, say so
+            log.warning("fcntl is unavailable: %s is not protected against a second writer", self.path)
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            finally:
+                os.close(fd)
+            db = self.path[: -len(".lock")]
+            raise StoreLocked(
+                f"{db} is in use by another watcher (pid {holder}, lock {self.path}); "
+                "stop it first or use another --db"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+class Store:
+    """The results database. Open with :meth:`open` (the writer) or :meth:`open_reader`."""
+
+    def __init__(self, path: str, conn: sqlite3.Connection, lock: _Lock | None) -> None:
+        self.path = path
+        self.conn = conn
+        self._lock = lock
+        self._recorded = 0
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, model_id: str, bundle_hash: str, embedding_dim: int) -> Store:
+        """Open (creating) for writing: take the lock, bind the database to this bundle."""
+        p = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(p))
+        if not os.path.isdir(folder):
+            raise StoreError(f"{p}: folder {folder} does not exist")
+        lock = _Lock(p + ".lock")
+        lock.acquire()
+        try:
+            store = cls(p, _connect(p), lock)
+            store._bind(model_id, bundle_hash, embedding_dim)
+        except BaseException:
+            lock.release()
+            raise
+        return store
+
+    @classmethod
+    def open_reader(cls, path: str | os.PathLike) -> Store:
+        """Open an existing database to read (export, search) while a watcher may be writing."""
+        p = os.fspath(path)
+        if not os.path.isfile(p):
+            raise StoreError(f"{p}: no such results database")
+        store = cls(p, _connect(p), None)
+        if not store.meta().get("bundle_hash"):
+            store.close()
+            raise StoreError(f"{p}: not an edgeenc results database (written by `edgeenc watch`)")
+        return store
+
+    def close(self) -> None:
+        self.conn.close()
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def meta(self) -> dict[str, str]:
+        try:
+            return dict(self.conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path}: not a results database ({exc})") from None
+
+    def _bind(self, model_id: str, bundle_hash: str, embedding_dim: int) -> None:
+        meta = self.meta()
+        if not meta:
+            with self._transaction():
+                self.conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    [("schema", SCHEMA_VERSION), ("model_id", model_id), ("bundle_hash", bundle_hash),
+                     ("embedding_dim", str(embedding_dim))],
+                )
+            return
+        if meta.get("bundle_hash") != bundle_hash:
+            raise StoreError(
+                f"{self.path} holds results of {meta.get('model_id')} (bundle {meta.get('bundle_hash', '')[:12]}); "
+                f"this bundle is {model_id} ({bundle_hash[:12]}): use another --db for another bundle"
+            )
+
+    # -- transactions --------------------------------------------------------------------------
+
+    class _Txn:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def __enter__(self) -> sqlite3.Connection:
+            self.conn.execute("BEGIN IMMEDIATE")
+            return self.conn
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is None:
+                self.conn.execute("COMMIT")
+            else:  # KeyboardInterrupt included: abandon the file, keep the database as it was
+                self.conn.execute("ROLLBACK")
+
+    def _transaction(self) -> Store._Txn:
+        return Store._Txn(self.conn)
+
+    # -- what is known -------------------------------------------------------------------------
+
+    def lookup(self, path: str, size: int, mtime_ns: int) -> str | None:
+        """'done', 'failed' or 'alias' when this exact version of PATH is already recorded."""
+        row = self.conn.execute("SELECT status FROM files WHERE path = ? AND size = ? AND mtime_ns = ?",
+                                (path, size, mtime_ns)).fetchone()
+        if row:
+            return str(row[0])
+        row = self.conn.execute("SELECT 1 FROM aliases WHERE path = ? AND size = ? AND mtime_ns = ?",
+                                (path, size, mtime_ns)).fetchone()
+        return "alias" if row else None
+
+    def by_sha(self, sha256: str) -> tuple[int, str, str] | None:
+        """(file_id, path, status) of the recorded file with this content, if any."""
+        bundle_hash = self.meta()["bundle_hash"]
+        row = self.conn.execute("SELECT id, path, status FROM files WHERE sha256 = ? AND bundle_hash = ?",
+                                (sha256, bundle_hash)).fetchone()
+        return (int(row[0]), str(row[1]), str(row[2])) if row else None
+
+    def by_path(self, path: str) -> tuple[int, str] | None:
+        """(file_id, sha256) of the file recorded under PATH."""
+        row = self.conn.execute("SELECT id, sha256 FROM files WHERE path = ?", (path,)).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def touch(self, info: FileInfo) -> None:
+        """Same content as recorded, new size/mtime stamp (e.g. `touch`): remember the new stamp."""
+        with self._transaction() as c:
+            c.execute("UPDATE files SET size = ?, mtime = ?, mtime_ns = ? WHERE path = ?",
+                      (info.size, info.mtime_ns / 1e9, info.mtime_ns, info.path))
+
+    def record_alias(self, info: FileInfo, file_id: int) -> None:
+        with self._transaction() as c:
+            self._forget_path(c, info.path)
+            c.execute("INSERT INTO aliases (path, size, mtime_ns, file_id) VALUES (?, ?, ?, ?)",
+                      (info.path, info.size, info.mtime_ns, file_id))
+
+    def record_failed(self, info: FileInfo, error: str) -> None:
+        self._record(info, "failed", error, 0.0, None, None, None, ())
+
+    def record_done(
+        self,
+        info: FileInfo,
+        starts: np.ndarray,
+        ends: np.ndarray,
+        embeddings: np.ndarray,
+        detections: Sequence[tuple[int, str, int, float]] = (),
+        audio_seconds: float = 0.0,
+    ) -> None:
+        """All rows of one file in one transaction; detections are (window index, label, rank, score)."""
+        self._record(info, "done", None, audio_seconds, starts, ends, embeddings, detections)
+
+    def _record(self, info, status, error, audio_seconds, starts, ends, embeddings, detections) -> None:
+        meta = self.meta()
+        with self._transaction() as c:
+            self._forget_path(c, info.path)
+            cur = c.execute(
+                "INSERT INTO files (path, size, mtime, mtime_ns, sha256, status, error, model_id, bundle_hash, "
+                "processed_at, audio_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (info.path, info.size, info.mtime_ns / 1e9, info.mtime_ns, info.sha256, status, error,
+                 meta.get("model_id"), meta["bundle_hash"],
+                 _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), float(audio_seconds)),
+            )
+            file_id = cur.lastrowid
+            if embeddings is not None:
+                emb = np.ascontiguousarray(embeddings, dtype="<f4")
+                ids = []
+                for s, e, row in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist(), emb):
+                    ids.append(c.execute(
+                        'INSERT INTO windows (file_id, start, "end", embedding, dim) VALUES (?, ?, ?, ?, ?)',
+                        (file_id, s, e, row.tobytes(), emb.shape[1])).lastrowid)
+                c.executemany("INSERT INTO detections (window_id, label, rank, score) VALUES (?, ?, ?, ?)",
+                              [(ids[i], label, rank, score) for i, label, rank, score in detections])
+                self._recorded += 1
+                _test_stall(self._recorded, info.path)
+
+    @staticmethod
+    def _forget_path(c: sqlite3.Connection, path: str) -> None:
+        # Replacing a file: its old rows go (windows and detections by cascade) in the same transaction.
+        c.execute("DELETE FROM files WHERE path = ?", (path,))
+        c.execute("DELETE FROM aliases WHERE path = ?", (path,))
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        q = self.conn.execute
+        return {
+            "done": q("SELECT count(*) FROM files WHERE status = 'done'").fetchone()[0],
+            "failed": q("SELECT count(*) FROM files WHERE status = 'failed'").fetchone()[0],
+            "aliases": q("SELECT count(*) FROM aliases").fetchone()[0],
+            "windows": q("SELECT count(*) FROM windows").fetchone()[0],
+        }
+
+    def failures(self) -> list[tuple[str, str]]:
+        return [(str(p), str(e)) for p, e in
+                self.conn.execute("SELECT path, error FROM files WHERE status = 'failed' ORDER BY path")]
+
+    def iter_windows(self, batch: int = 4096) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                                                list[str | None], np.ndarray]]:
+        """Batches (files, starts, ends, embeddings [n, dim], top labels, top scores) in file order."""
+        cur = self.conn.execute(
+            'SELECT f.path, w.start, w."end", w.embedding, w.dim, d.label, d.score FROM windows w '
+            "JOIN files f ON f.id = w.file_id LEFT JOIN detections d ON d.window_id = w.id AND d.rank = 1 "
+            "ORDER BY f.id, w.start, w.id"
+        )
+        while True:
+            rows = cur.fetchmany(batch)
+            if not rows:
+                return
+            dim = int(rows[0][4])
+            emb = np.frombuffer(b"".join(r[3] for r in rows), dtype="<f4").reshape(len(rows), dim)
+            yield ([r[0] for r in rows], np.array([r[1] for r in rows], np.float64),
+                   np.array([r[2] for r in rows], np.float64), emb.astype(np.float32),
+                   [r[5] for r in rows], np.array([np.nan if r[6] is None else r[6] for r in rows], np.float64))
+
+    def nearest(self, queries: np.ndarray, top: int = 10) -> list[tuple[str, float, float, float]]:
+        """(file, start, end, cosine) of the stored windows closest to any of the query embeddings."""
+        q = np.asarray(queries, dtype=np.float64)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        best: list[tuple[float, str, float, float]] = []
+        for files, starts, ends, emb, _, _ in self.iter_windows():
+            if emb.shape[1] != q.shape[1]:
+                raise StoreError(f"{self.path}: stored embeddings have {emb.shape[1]} dims, the query {q.shape[1]}")
+            e = emb.astype(np.float64)
+            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+            cos = (e @ q.T).max(axis=1)
+            for i in np.argsort(-cos, kind="stable")[:top]:
+                best.append((float(cos[i]), files[i], float(starts[i]), float(ends[i])))
+            best = sorted(best, key=lambda t: -t[0])[:top]
+        return [(f, s, e, c) for c, f, s, e in best]
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(path, isolation_level=None, timeout=30.0)  # explicit BEGIN/COMMIT only
+        conn.execute("PRAGMA busy_timeout = 30000")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{path}: SQLite refused WAL mode (got {mode!r}); is it on a network file system?")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.executescript(_SCHEMA)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path}: cannot be opened as a results database ({exc})") from None
+    return conn
+
+
+def _test_stall(n: int, path: str) -> None:
+    spec = os.environ.get(TEST_STALL_ENV)
+    if not spec:
+        return
+    nth, _, marker = spec.partition(":")
+    if int(nth) == n:
+        Path(marker).write_text(path)
+        time.sleep(3600)
+
+
+def export_table(store: Store, out: str | os.PathLike) -> int:
+    """Write every stored window to OUT (.csv or .parquet); returns the number of rows.
+
+    Columns as :func:`edgeenc.runtime.writers.write_embeddings` writes them, with the top label and its
+    score (empty when none) after ``end``: csv ``file,start,end,label,score,e0..``; parquet ``file``,
+    ``start``, ``end``, ``label``, ``score``, ``embedding`` (fixed-size list of float32). Streamed in
+    batches (the database may hold more windows than memory), written atomically like every output.
+    Metadata (model_id, bundle_hash) goes to the csv's ``<out>.json`` sidecar or the parquet schema.
+    """
+    from . import writers
+
+    p = os.fspath(out)
+    suffix = os.path.splitext(p)[1].lower()
+    meta = {k: v for k, v in store.meta().items() if k != "schema"}
+    dim = int(meta.get("embedding_dim", 0))
+    if suffix == ".csv":
+        import csv
+
+        n = 0
+        with writers._atomic_text(p) as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["file", "start", "end", "label", "score", *(f"e{i}" for i in range(dim))])
+            for files, starts, ends, emb, labels, top in store.iter_windows():
+                for name, s, e, label, score, row in zip(files, starts.tolist(), ends.tolist(), labels,
+                                                         top.tolist(), emb):
+                    w.writerow([name, writers._float(s), writers._float(e), label or "",
+                                "" if label is None else writers._float(score),
+                                *(format(v, ".9g") for v in row.tolist())])
+                    n += 1
+        writers._write_sidecar(p, meta)
+        return n
+    if suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise writers.ParquetUnavailableError(
+                f'{p}: writing .parquet needs pyarrow, which is not installed; run pip install "edgeenc[parquet]" '
+                "or choose .csv"
+            ) from exc
+        schema = pa.schema([("file", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+                            ("label", pa.string()), ("score", pa.float64()),
+                            ("embedding", pa.list_(pa.float32(), dim))], metadata=meta)
+        n = 0
+        with writers._atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
+            for files, starts, ends, emb, labels, top in store.iter_windows():
+                embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
+                score = pa.array([None if label is None else s for label, s in zip(labels, top.tolist())],
+                                 type=pa.float64())
+                pw.write_table(pa.table([pa.array(files, pa.string()), pa.array(starts), pa.array(ends),
+                                         pa.array(labels, pa.string()), score, embedding], schema=schema))
+                n += len(files)
+        return n
+    raise writers.WriterError(f"{p}: unsupported export format {suffix or '(no suffix)'!r}; use .csv or .parquet")
