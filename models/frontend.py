@@ -134,6 +134,14 @@ class Fbank(nn.Module):
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         cfg = self.config
+        # Eager only: while tracing/exporting no Python branch is taken on the (symbolic) length,
+        # and the caller must honour the exported model's min_samples metadata instead.
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and audio.shape[-1] < FRAME_LENGTH:
+            # Otherwise framing silently yields 0 frames (BEATs) or a constant padded image (EAT).
+            raise ValueError(
+                f"the filterbank needs at least {FRAME_LENGTH} samples (one 25 ms frame) per clip, "
+                f"got {audio.shape[-1]}"
+            )
         x = audio.to(self.dft.dtype)
         if cfg.clamp:
             x = x.clamp(-1.0, 1.0)

@@ -85,7 +85,10 @@ def _try_trt(bundle: Path, manifest: dict, output_names: list[str]) -> Backend:
     try:
         from .tensorrt_backend import TensorRTBackend
     except ImportError as exc:
-        raise BackendUnavailable(f"TensorRT backend unavailable ({exc})") from exc
+        raise BackendUnavailable(
+            f"TensorRT backend unavailable ({exc}): install TensorRT (pip install 'edgeenc[tensorrt]'; on Jetson "
+            "use JetPack's TensorRT) and build an engine with `edgeenc build BUNDLE`"
+        ) from exc
     return TensorRTBackend.from_bundle(bundle, manifest, output_names)
 
 

@@ -248,19 +248,24 @@ class Encoder:
 
         def run(batches) -> None:
             for batch in batches:
+                live = [i for i, (file_index, _) in enumerate(batch.keys) if file_index >= offset]
+                items = {i: pending[batch.keys[i][0] - offset] for i in live}
+                # A non-finite window fails its own file only; the rest of the batch still runs.
+                finite = np.isfinite(batch.samples).all(axis=1)
+                for i in live:
+                    if not finite[i]:
+                        items[i].error = items[i].error or "audio contains NaN or infinite samples"
+                rows = [i for i in live if finite[i] and items[i].error is None]
+                if not rows:
+                    continue
                 try:
-                    outputs = self.run_batch(batch.samples)
-                except ValueError as exc:  # NaN in one file must not sink the others of the batch
-                    outputs = None
-                    reason = str(exc)
-                for row, (file_index, window_index) in enumerate(batch.keys):
-                    if file_index < offset:
-                        continue  # that file already failed and was reported
-                    item = pending[file_index - offset]
-                    if outputs is None:
-                        item.error = item.error or reason
-                    else:
-                        item.outputs[window_index] = {k: v[row] for k, v in outputs.items()}
+                    outputs = self.backend.run(batch.samples[rows])
+                except Exception as exc:  # a backend failure must cost only the files in this batch
+                    for i in rows:
+                        items[i].error = items[i].error or f"inference failed: {type(exc).__name__}: {exc}"
+                    continue
+                for out_row, i in enumerate(rows):
+                    items[i].outputs[batch.keys[i][1]] = {k: v[out_row] for k, v in outputs.items()}
 
         offset = 0
         for file_index, (path, blocks) in enumerate(sources):

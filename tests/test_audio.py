@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import soxr
+
 from edgeenc.runtime.audio import AudioError, AudioInfo, iter_blocks, load, probe
 from edgeenc.runtime.windows import iter_windows
 

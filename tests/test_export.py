@@ -20,15 +20,13 @@ from edgeenc.export.pipeline import export_bundle, ort_runner
 from edgeenc.models.checkpoints import load_model
 
 TINY_BEATS = dict(embed_dim=64, depth=2, heads=4, ffn_dim=128, patch_dim=32, conv_pos=16, conv_pos_groups=4)
-TINY_EAT = dict(embed_dim=64, depth=2, heads=4, max_length=64)
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def tiny_eat(tmp_path_factory):
-    loaded = load_model("esp_aves2_sl_eat_all_ssl_all", random_init=True, **TINY_EAT)
-    out = tmp_path_factory.mktemp("tiny-eat")
-    return export_bundle(loaded, out), loaded
+def tiny_eat(tiny_eat_bundle):
+    """(bundle, loaded) of conftest's tiny random-init EAT with a classifier."""
+    return tiny_eat_bundle
 
 
 def run_onnx(path: Path, audio: np.ndarray) -> dict[str, np.ndarray]:
@@ -38,9 +36,8 @@ def run_onnx(path: Path, audio: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def test_tiny_bundle_layout_and_manifest(tiny_eat):
-    result, loaded = tiny_eat
-    bundle = result.bundle
-    assert result.passed
+    bundle, loaded = tiny_eat
+    assert read_manifest(bundle)["parity"]["fp32"]["passed"]
     assert {p.name for p in bundle.iterdir()} >= {"model.onnx", "manifest.json", "labels.json", "parity.json"}
     manifest = read_manifest(bundle)
     assert manifest["model_id"] == "esp_aves2_sl_eat_all_ssl_all"
@@ -59,8 +56,8 @@ def test_tiny_bundle_layout_and_manifest(tiny_eat):
 
 
 def test_graph_io_metadata_and_ops(tiny_eat):
-    result, _ = tiny_eat
-    model = onnx.load(str(result.bundle / "model.onnx"))
+    bundle, _ = tiny_eat
+    model = onnx.load(str(bundle / "model.onnx"))
     onnx.checker.check_model(model, full_check=True)
     assert [i.name for i in model.graph.input] == ["audio"]
     dims = model.graph.input[0].type.tensor_type.shape.dim
@@ -72,15 +69,15 @@ def test_graph_io_metadata_and_ops(tiny_eat):
     assert meta["model_id"] == "esp_aves2_sl_eat_all_ssl_all"
     assert meta["sample_rate"] == "16000" and meta["embedding_dim"] == "64" and meta["window_seconds"] == "10.0"
     assert meta["licence"] == "CC-BY-NC-SA-4.0" and meta["edgeenc_version"]
-    check = read_manifest(result.bundle)["tensorrt_op_check"]
+    check = read_manifest(bundle)["tensorrt_op_check"]
     assert check["all_supported"], check
 
 
 def test_dynamic_batch_and_length(tiny_eat):
-    result, loaded = tiny_eat
+    bundle, loaded = tiny_eat
     rng = np.random.default_rng(1)
     for batch, samples in [(1, 400), (2, 16000), (5, 170000)]:
-        out = run_onnx(result.bundle / "model.onnx", rng.standard_normal((batch, samples)) * 0.1)
+        out = run_onnx(bundle / "model.onnx", rng.standard_normal((batch, samples)) * 0.1)
         assert out["tokens"].shape == (batch, 513, 64)
         assert out["embedding"].shape == (batch, 64)
         assert out["logits"].shape == (batch, len(loaded.labels))
@@ -88,8 +85,8 @@ def test_dynamic_batch_and_length(tiny_eat):
 
 
 def test_broken_graph_fails_the_gate(tiny_eat, tmp_path):
-    result, loaded = tiny_eat
-    model = onnx.load(str(result.bundle / "model.onnx"))
+    bundle, loaded = tiny_eat
+    model = onnx.load(str(bundle / "model.onnx"))
     # Scale the largest MatMul weight (a transformer layer) by 1 %: a subtle, realistic export bug.
     matmul_inputs = {name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") for name in n.input}
     target = max((t for t in model.graph.initializer if t.name in matmul_inputs), key=lambda t: np.prod(t.dims))
@@ -102,7 +99,7 @@ def test_broken_graph_fails_the_gate(tiny_eat, tmp_path):
     report, _ = run_fp32_gate(loaded, ort_runner(broken, names), names, [ParityCase("noise", audio)])
     assert not report.passed
     assert report.failures()
-    good, _ = run_fp32_gate(loaded, ort_runner(result.bundle / "model.onnx", names), names,
+    good, _ = run_fp32_gate(loaded, ort_runner(bundle / "model.onnx", names), names,
                             [ParityCase("noise", audio)])
     assert good.passed
 
@@ -127,7 +124,7 @@ def test_info_verifies_hashes_and_names_a_changed_file(tiny_eat, tmp_path):
     import shutil
 
     bundle = tmp_path / "copy"
-    shutil.copytree(tiny_eat[0].bundle, bundle)
+    shutil.copytree(tiny_eat[0], bundle)
     ok = runner.invoke(app, ["info", str(bundle)])
     assert ok.exit_code == 0, ok.output
     assert "esp_aves2_sl_eat_all_ssl_all" in ok.output and "all file hashes match" in ok.output

@@ -6,6 +6,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+
 from edgeenc.runtime.windows import Window, WindowBatcher, iter_windows
 
 RATE = 100  # small rate: sample counts are easy to reason about

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgeenc.runtime import writers
 from edgeenc.runtime.writers import (
     RAVEN_COLUMNS,

@@ -1,0 +1,252 @@
+"""`edgeenc embed` and `edgeenc classify` on tiny bundles: outputs, devices, bad files, windows, batching."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgeenc.cli import EXIT_SOME_FILES_FAILED, app
+from edgeenc.runtime.writers import RAVEN_COLUMNS
+
+BAD_KINDS = ("unreadable", "empty", "truncated", "zero_length", "nan")
+
+
+def cli(*args) -> object:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def load_npz(path: Path) -> dict:
+    with np.load(path) as data:  # no pickle needed
+        return {k: data[k] for k in data.files}
+
+
+# --- 6. outputs ----------------------------------------------------------------------------------
+
+
+def test_embed_npz(tiny_eat_bundle, birds_wav, tmp_path):
+    out = tmp_path / "emb.npz"
+    result = cli("embed", tiny_eat_bundle[0], birds_wav, "-o", out, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = load_npz(out)
+    assert data["embeddings"].shape == (2, 64) and data["embeddings"].dtype == np.float32
+    assert list(data["file"]) == [str(birds_wav)] * 2
+    np.testing.assert_allclose(data["start"], [0.0, 10.0])
+    np.testing.assert_allclose(data["end"], [10.0, 10.13325])
+    meta = json.loads(str(data["metadata_json"]))
+    assert meta["random_init"] == "true" and meta["files_failed"] == "0"
+    assert "1 file(s) done, 0 failed" in result.stderr
+
+
+def test_embed_csv(tiny_eat_bundle, birds_wav, tmp_path):
+    out = tmp_path / "emb.csv"
+    result = cli("embed", tiny_eat_bundle[0], birds_wav, "-o", out, "--window", "4")
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:3] == ["file", "start", "end"]
+    assert len(rows) == 3 and len(rows[0]) == 3 + 64
+    assert [float(r["start"]) for r in rows] == [0.0, 4.0, 8.0]
+    emb = np.array([[float(r[f"e{i}"]) for i in range(64)] for r in rows], np.float32)
+    npz = tmp_path / "emb.npz"
+    assert cli("embed", tiny_eat_bundle[0], birds_wav, "-o", npz, "--window", "4").exit_code == 0
+    np.testing.assert_array_equal(emb, load_npz(npz)["embeddings"])  # csv floats round-trip exactly
+    assert json.loads((tmp_path / "emb.csv.json").read_text())["model_id"] == "esp_aves2_sl_eat_all_ssl_all"
+
+
+def read_detections(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_classify_csv_top_k(tiny_eat_bundle, birds_wav, tmp_path):
+    out = tmp_path / "det.csv"
+    result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", out, "--top-k", "3")
+    assert result.exit_code == 0, result.output
+    rows = read_detections(out)
+    assert list(rows[0]) == ["file", "start", "end", "rank", "label", "score"]
+    assert len(rows) == 2 * 3  # two windows, three labels each
+    labels = json.loads((tiny_eat_bundle[0] / "labels.json").read_text())
+    for start in ("0.0", "10.0"):
+        window = [r for r in rows if r["start"] == start]
+        assert [int(r["rank"]) for r in window] == [1, 2, 3]
+        window_scores = [float(r["score"]) for r in window]
+        assert all(0.0 <= s <= 1.0 for s in window_scores)
+        assert window_scores == sorted(window_scores, reverse=True)
+        assert all(r["label"] in labels for r in window)
+
+
+def test_classify_threshold_filters(tiny_eat_bundle, birds_wav, tmp_path):
+    everything = tmp_path / "all.csv"
+    assert cli("classify", tiny_eat_bundle[0], birds_wav, "-o", everything, "--top-k", "10").exit_code == 0
+    all_rows = read_detections(everything)
+    assert len(all_rows) == 2 * 10
+    threshold = float(np.median([float(r["score"]) for r in all_rows]))
+    kept = tmp_path / "kept.csv"
+    result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", kept, "--top-k", "10", "--threshold", threshold)
+    assert result.exit_code == 0, result.output
+    rows = read_detections(kept)
+    assert 0 < len(rows) < len(all_rows)
+    assert all(float(r["score"]) >= threshold for r in rows)
+    expected = [r for r in all_rows if float(r["score"]) >= threshold]
+    assert [(r["start"], r["label"]) for r in rows] == [(r["start"], r["label"]) for r in expected]
+
+
+def test_classify_raven_table(tiny_eat_bundle, birds_wav, tmp_path):
+    out = tmp_path / "selections.txt"
+    result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", out, "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[0].split("\t") == list(RAVEN_COLUMNS)
+    rows = [dict(zip(RAVEN_COLUMNS, line.split("\t"))) for line in lines[1:]]
+    assert len(rows) == 4
+    assert [r["Selection"] for r in rows] == ["1", "2", "3", "4"]
+    assert {r["Begin Path"] for r in rows} == {str(birds_wav)}
+    assert float(rows[0]["End Time (s)"]) == 10.0 and float(rows[0]["High Freq (Hz)"]) == 8000.0
+    assert all(0.0 <= float(r["Score"]) <= 1.0 for r in rows)
+
+
+def test_classify_features_only_bundle_says_use_embed(tiny_beats_bundle, birds_wav, tmp_path):
+    out = tmp_path / "det.csv"
+    result = cli("classify", tiny_beats_bundle[0], birds_wav, "-o", out)
+    assert result.exit_code == 2
+    assert "no classifier head" in result.stderr and "edgeenc embed" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("last", "windows"), [("short", 2), ("pad", 2), ("drop", 1)])
+def test_last_window_option(tiny_eat_bundle, birds_wav, tmp_path, last, windows):
+    out = tmp_path / "emb.npz"
+    result = cli("embed", tiny_eat_bundle[0], birds_wav, "-o", out, "--last", last)
+    assert result.exit_code == 0, result.output
+    data = load_npz(out)
+    assert data["embeddings"].shape == (windows, 64)
+    np.testing.assert_allclose(data["end"], [10.0, 10.13325][:windows])
+
+
+def test_batching_across_files(tiny_eat_bundle, birds_wav, bad_audio_files, tmp_path):
+    files = [birds_wav, bad_audio_files["good_a"], bad_audio_files["good_b"]]
+    outs = {}
+    for batch in (1, 4):
+        outs[batch] = tmp_path / f"b{batch}.npz"
+        result = cli("embed", tiny_eat_bundle[0], *files, "-o", outs[batch], "--window", "2", "--batch", batch)
+        assert result.exit_code == 0, result.output
+    one, four = load_npz(outs[1]), load_npz(outs[4])
+    assert one["embeddings"].shape == four["embeddings"].shape == (6 + 2 + 2, 64)
+    assert list(one["file"]) == list(four["file"])
+    np.testing.assert_array_equal(one["start"], four["start"])
+    np.testing.assert_allclose(one["embeddings"], four["embeddings"], atol=1e-4)
+
+
+# --- 5. devices and threads ------------------------------------------------------------------------
+
+
+def _have(provider: str) -> bool:
+    import onnxruntime
+
+    return provider in onnxruntime.get_available_providers()
+
+
+def test_device_cpu_with_threads(tiny_beats_bundle, birds_wav, tmp_path):
+    out = tmp_path / "emb.npz"
+    result = cli("embed", tiny_beats_bundle[0], birds_wav, "-o", out, "--device", "cpu", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "running on cpu" in result.stderr and "1 threads" in result.stderr
+    meta = json.loads(str(load_npz(out)["metadata_json"]))
+    assert "CPUExecutionProvider" in meta["backend"] and "1 threads" in meta["backend"]
+
+
+def test_device_cuda_is_an_error_naming_what_to_install(tiny_beats_bundle, birds_wav, tmp_path):
+    if _have("CUDAExecutionProvider"):
+        pytest.skip("this machine has onnxruntime-gpu")
+    out = tmp_path / "emb.npz"
+    result = cli("embed", tiny_beats_bundle[0], birds_wav, "-o", out, "--device", "cuda")
+    assert result.exit_code == 2
+    assert "onnxruntime-gpu" in result.stderr
+    assert not out.exists()
+
+
+def test_device_trt_is_an_error_naming_what_to_install(tiny_eat_bundle, birds_wav, tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("this machine has TensorRT")
+    except ImportError:
+        pass
+    out = tmp_path / "det.csv"
+    result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", out, "--device", "trt")
+    assert result.exit_code == 2
+    assert "install" in result.stderr and "tensorrt" in result.stderr.lower()
+    assert not out.exists()
+
+
+def test_device_auto_logs_skipped_backends(tiny_beats_bundle, birds_wav, tmp_path):
+    if _have("CUDAExecutionProvider"):
+        pytest.skip("this machine has onnxruntime-gpu")
+    result = cli("embed", tiny_beats_bundle[0], birds_wav, "-o", tmp_path / "emb.npz")
+    assert result.exit_code == 0, result.output
+    assert "skipped trt:" in result.stderr
+    assert "skipped cuda:" in result.stderr
+    assert "running on cpu" in result.stderr
+
+
+# --- 3. bad input -----------------------------------------------------------------------------------
+
+
+def _check_bad_run(result, bad_audio_files: dict[str, Path]) -> None:
+    assert result.exit_code == EXIT_SOME_FILES_FAILED, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    for kind in BAD_KINDS:
+        path = str(bad_audio_files[kind])
+        assert sum(line.startswith(f"error: {path}: ") for line in errors) == 1, (kind, errors)
+    assert not any(str(bad_audio_files[k]) in line for k in ("good_a", "good_b") for line in errors)
+    assert "2 file(s) done, 5 failed" in result.stderr
+
+
+def test_embed_bad_files(tiny_eat_bundle, bad_audio_files, tmp_path):
+    out = tmp_path / "emb.npz"
+    result = cli("embed", tiny_eat_bundle[0], *bad_audio_files.values(), "-o", out, "--batch", "4")
+    _check_bad_run(result, bad_audio_files)
+    data = load_npz(out)
+    assert list(data["file"]) == [str(bad_audio_files["good_a"]), str(bad_audio_files["good_b"])]
+    assert data["embeddings"].shape == (2, 64) and np.isfinite(data["embeddings"]).all()
+    assert json.loads(str(data["metadata_json"]))["files_failed"] == "5"
+
+
+def test_classify_bad_files(tiny_eat_bundle, bad_audio_files, tmp_path):
+    out = tmp_path / "det.csv"
+    result = cli("classify", tiny_eat_bundle[0], *bad_audio_files.values(), "-o", out, "--top-k", "1")
+    _check_bad_run(result, bad_audio_files)
+    assert [r["file"] for r in read_detections(out)] == [str(bad_audio_files["good_a"]),
+                                                          str(bad_audio_files["good_b"])]
+
+
+def test_all_files_bad_still_exit_4(tiny_eat_bundle, bad_audio_files, tmp_path):
+    out = tmp_path / "emb.npz"
+    result = cli("embed", tiny_eat_bundle[0], bad_audio_files["empty"], bad_audio_files["nan"], "-o", out)
+    assert result.exit_code == EXIT_SOME_FILES_FAILED
+    assert "0 file(s) done, 2 failed" in result.stderr
+    assert load_npz(out)["embeddings"].shape == (0, 64)
+
+
+# --- 7. a tampered bundle ---------------------------------------------------------------------------
+
+
+def test_tampered_bundle(tiny_beats_bundle, birds_wav, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_beats_bundle[0], bundle)
+    model = bundle / "model.onnx"
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 0xFF
+    model.write_bytes(bytes(data))
+    result = cli("embed", bundle, birds_wav, "-o", tmp_path / "emb.npz")
+    assert result.exit_code == 2
+    assert "model.onnx" in result.stderr and "changed since export" in result.stderr
