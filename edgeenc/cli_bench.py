@@ -1,0 +1,64 @@
+"""`edgeenc bench` (torch-free) and `edgeenc optimize` (export side: ONNX Runtime CPU variants)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def bench(
+    bundle: Path = typer.Argument(..., help="a bundle folder written by `edgeenc export`"),
+    device: str = typer.Option("auto", help="auto (every backend that runs here), cpu, cuda or trt"),
+    batch: list[int] = typer.Option([1], "--batch", help="batch size; repeat for several"),
+    seconds: float | None = typer.Option(None, help="clip length in seconds (default: the model's window)"),
+    runs: int = typer.Option(10, help="timed runs per backend, variant and batch (interleaved)"),
+    warmup: int = typer.Option(2, help="untimed runs first"),
+    threads: int | None = typer.Option(None, help="CPU threads (default: the CPUs this process may use)"),
+    cold: bool = typer.Option(True, "--cold/--no-cold", help="measure cold start in a fresh process"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the full report as JSON here"),
+) -> None:
+    """Latency p50/p90/p99, real-time factor, throughput, cold start, memory and % of the GEMM peak."""
+    from edgeenc.export.bundle import BundleError
+    from edgeenc.runtime.backends import BackendUnavailable
+    from edgeenc.runtime.bench import format_table, report_json, run_bench
+
+    if any(b < 1 for b in batch) or runs < 1 or warmup < 0:
+        typer.secho("error: --batch and --runs must be >= 1, --warmup >= 0", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        report = run_bench(bundle, device=device, batches=batch, seconds=seconds, runs=runs, warmup=warmup,
+                           threads=threads, cold=cold, progress=lambda m: typer.echo(m, err=True))
+    except (BundleError, BackendUnavailable, ValueError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    typer.echo(format_table(report))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(report_json(report) + "\n")
+        typer.echo(f"wrote {json_out}", err=True)
+
+
+def optimize(
+    bundle: Path = typer.Argument(..., help="a bundle folder written by `edgeenc export`"),
+    int8: bool = typer.Option(True, "--int8/--no-int8", help="also write and gate int8 variants"),
+    dynamic: bool = typer.Option(True, "--dynamic/--no-dynamic", help="include the dynamic-int8 baseline"),
+    keep_fp32: list[str] = typer.Option([], "--keep-fp32", help="node name to keep fp32 in int8 (repeatable)"),
+    keep_failed: bool = typer.Option(False, "--keep-failed", help="keep variant files that fail their gate"),
+    threads: int | None = typer.Option(None, help="CPU threads for the checks"),
+) -> None:
+    """Write model.cpu.onnx (fused fp32) and int8 variants; only those passing their gate are listed."""
+    from edgeenc.export.bundle import BundleError
+    from edgeenc.export.optimize import optimize_bundle
+
+    try:
+        summary = optimize_bundle(bundle, int8=int8, dynamic=dynamic, keep_fp32=keep_fp32, keep_failed=keep_failed,
+                                  threads=threads, progress=lambda m: typer.echo(m, err=True))
+    except BundleError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    for name, entry in summary.items():
+        status = "PASS" if entry.get("parity") else ("not written" if entry.get("written") is False else "FAIL")
+        typer.echo(f"{name}: {status} {entry.get('figures') or entry.get('reason', '')}")
+    if not summary["model.cpu.onnx"]["parity"]:
+        raise typer.Exit(3)

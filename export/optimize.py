@@ -1,0 +1,321 @@
+"""`edgeenc optimize`: CPU variants of a bundle, each checked against model.onnx before it is listed.
+
+- model.cpu.onnx: ONNX Runtime's transformer optimizer (fused LayerNormalization /
+  SkipLayerNormalization / BiasGelu / FastGelu / Attention where the pattern matches), fp32. Gate:
+  the fp32 thresholds of DESIGN.md (max abs <= 2e-3, per-token cosine >= 0.99999) against ONNX
+  Runtime running model.onnx (the model.onnx itself was gated against PyTorch at export).
+- model.int8dyn.onnx: dynamic int8 (weights per channel, activations quantised at run time), a
+  baseline.
+- model.int8.onnx: static int8 (QDQ, weights per channel, activations calibrated on windows of the
+  bundled real recording), the front end (everything before the first Conv) and any layer listed
+  in `keep_fp32` stay fp32.
+- bf16: not written; ONNX Runtime's CPU provider has no bf16 MatMul kernel (checked at run time and
+  recorded in the manifest).
+
+Reduced-precision variants go through `run_reduced_gate` (per-token cosine >= 0.99, mean-centred
+embedding cosine >= 0.99). Only passing files stay in the bundle; the figures of every variant, passed
+or not, are recorded under manifest["variants"] and manifest["optimize"].
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import bundle as bundle_io
+from .parity import (
+    FP32_COSINE_GAP,
+    FP32_MAX_ABS,
+    LOWP_TOKEN_COSINE,
+    ParityCase,
+    error_stats,
+    reference_audio,
+    run_reduced_gate,
+)
+
+Progress = Callable[[str], None]
+WEIGHT_OPS = ("MatMul", "Gemm")
+
+
+def ort_runner(path: Path, names: list[str], threads: int | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(audio: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {"audio": np.ascontiguousarray(audio, dtype=np.float32)})))
+
+    return run
+
+
+def optimize_cases(sample_rate: int, window_seconds: float, *, quick: bool = False) -> list[ParityCase]:
+    """The real recording, shorter and longer crops of it at other gains, a batch of 2 with a noise row."""
+    real = reference_audio(sample_rate)
+    tiled = np.concatenate([real * g for g in (1.0, 0.5, 2.0, 0.25)])
+    n = int(round(window_seconds * sample_rate))
+    rng = np.random.default_rng(0)
+    cases = [ParityCase("real_recording", real[None, :])]
+    for seconds in ((3.0,) if quick else (3.0, 5.0)):
+        m = int(seconds * sample_rate)
+        cases.append(ParityCase(f"{seconds:g}s_batch1", tiled[None, n // 3: n // 3 + m].copy()))
+    batch = np.stack([tiled[n // 2: n // 2 + n], rng.standard_normal(n).astype(np.float32) * 0.05])
+    cases.append(ParityCase("window_batch2", batch))
+    return cases
+
+
+def calibration_windows(sample_rate: int, window_seconds: float, count: int = 8) -> list[np.ndarray]:
+    """Windows of the bundled real recording at several offsets and gains, batch 1 each."""
+    real = reference_audio(sample_rate)
+    n = int(round(window_seconds * sample_rate))
+    tiled = np.concatenate([real * g for g in (1.0, 0.5, 2.0, 0.25, 1.0)])
+    starts = np.linspace(0, len(tiled) - n, count).astype(int)
+    return [tiled[None, s: s + n].copy() for s in starts]
+
+
+def fp32_compare(candidate, reference, cases: Iterable[ParityCase], names: list[str]) -> dict:
+    worst = {"max_abs": 0.0, "min_token_cosine": 1.0}
+    comparisons = []
+    for case in cases:
+        got, ref = candidate(case.audio), reference(case.audio)
+        for name in names:
+            max_abs, mean_abs, cos = error_stats(got[name], ref[name])
+            ok = max_abs <= FP32_MAX_ABS and cos >= 1.0 - FP32_COSINE_GAP
+            comparisons.append({"case": case.name, "output": name, "max_abs": max_abs, "mean_abs": mean_abs,
+                                "min_cosine": cos, "pass": ok})
+            worst["max_abs"] = max(worst["max_abs"], max_abs)
+            worst["min_token_cosine"] = min(worst["min_token_cosine"], cos)
+    passed = all(c["pass"] for c in comparisons)
+    return {"passed": passed, "worst": worst, "limits": {"max_abs": FP32_MAX_ABS, "min_cosine": 1 - FP32_COSINE_GAP},
+            "reference": "onnxruntime on model.onnx", "comparisons": comparisons}
+
+
+def detect_heads(model: onnx.ModelProto, hidden: int) -> int:
+    """Attention heads from the Reshape to [b, t, heads, head_dim] in the graph, 0 when not found."""
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = onnx.numpy_helper.to_array(attr.t)
+    counts: dict[int, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in consts:
+            shape = consts[node.input[1]].reshape(-1)
+            if len(shape) == 4 and shape[2] > 0 and shape[3] > 0 and shape[2] * shape[3] == hidden:
+                counts[int(shape[2])] = counts.get(int(shape[2]), 0) + 1
+        if node.op_type == "Concat" and len(node.input) == 4 and all(x in consts for x in node.input[2:]):
+            h, d = (int(consts[x].reshape(-1)[0]) if consts[x].size == 1 else -1 for x in node.input[2:])
+            if h > 0 and d > 0 and h * d == hidden:
+                counts[h] = counts.get(h, 0) + 1
+    return max(counts, key=counts.get) if counts else 0
+
+
+def write_cpu_model(src: Path, dst: Path, hidden: int, *, say: Progress) -> dict:
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    model = onnx.load(str(src))
+    heads = detect_heads(model, hidden)
+    options = FusionOptions("bert")
+    say(f"transformer optimizer (bert fusions, {heads or 'auto'} heads, hidden {hidden})")
+    opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden if heads else 0,
+                         opt_level=1,
+                         optimization_options=options, use_gpu=False, only_onnxruntime=False)
+    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
+    opt.save_model_to_file(str(dst), use_external_data_format=False)
+    return {"tool": "onnxruntime.transformers.optimizer (model_type=bert, opt_level=1)", "num_heads": heads,
+            "hidden_size": hidden, "fused_operators": fused}
+
+
+def front_end_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of every node before the first Conv (the fbank front end), in graph order."""
+    names = []
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            break
+        names.append(node.name)
+    return names
+
+
+def weight_matmuls(model: onnx.ModelProto, skip: set[str]) -> list[str]:
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if n.op_type in WEIGHT_OPS and n.name not in skip and any(x in weights for x in n.input[1:2])]
+
+
+def ensure_names(model: onnx.ModelProto) -> onnx.ModelProto:
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    return model
+
+
+def write_dynamic_int8(src: Path, dst: Path, keep_fp32: list[str]) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = ensure_names(onnx.load(str(src)))
+    named = dst.with_suffix(".named.onnx")
+    onnx.save(model, str(named))
+    skip = set(front_end_nodes(model)) | set(keep_fp32)
+    nodes = weight_matmuls(model, skip)
+    try:
+        quantize_dynamic(str(named), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+                         op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes,
+                         extra_options={"MatMulConstBOnly": True})
+    finally:
+        named.unlink(missing_ok=True)
+    return {"tool": "onnxruntime.quantization.quantize_dynamic (per-channel QInt8 weights, MatMul/Gemm with "
+                    "constant weights only)", "quantized_nodes": len(nodes), "fp32_front_end_nodes": len(skip)}
+
+
+class _Reader:
+    def __init__(self, windows: list[np.ndarray]):
+        self.items = iter([{"audio": w} for w in windows])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def write_static_int8(src: Path, dst: Path, windows: list[np.ndarray], keep_fp32: list[str],
+                      method: str = "minmax") -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = ensure_names(onnx.load(str(src)))
+    named = dst.with_suffix(".named.onnx")
+    onnx.save(model, str(named))
+    skip = set(front_end_nodes(model)) | set(keep_fp32)
+    nodes = weight_matmuls(model, skip)
+    calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}[method]
+    try:
+        quantize_static(str(named), str(dst), _Reader(windows), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes, calibrate_method=calib,
+                        extra_options={"MatMulConstBOnly": True, "CalibMovingAverage": method == "minmax"})
+    finally:
+        named.unlink(missing_ok=True)
+    return {"tool": f"onnxruntime.quantization.quantize_static (QDQ, per-channel QInt8 weights, QUInt8 activations, "
+                    f"{method} calibration on {len(windows)} windows of the bundled recording)",
+            "quantized_nodes": len(nodes), "fp32_nodes_kept": sorted(set(keep_fp32)),
+            "fp32_front_end_nodes": len(front_end_nodes(model))}
+
+
+def bf16_supported() -> tuple[bool, str]:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "g",
+                              [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [2, 2]) for n in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.BFLOAT16, [2, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - any failure means no kernel
+        return False, f"onnxruntime {ort.__version__} CPUExecutionProvider: {str(exc).splitlines()[0][:200]}"
+    return True, "bf16 MatMul kernel present"
+
+
+def gate_summary(report) -> dict:
+    worst = report.summary.get("worst", {})
+    return {"passed": report.passed,
+            "min_token_cosine": worst.get("tokens", {}).get("min_cosine"),
+            "min_centred_embedding_cosine": worst.get("embedding_centred", {}).get("min_cosine"),
+            "token_max_abs": worst.get("tokens", {}).get("max_abs"),
+            "limits": {"token_cosine": LOWP_TOKEN_COSINE, "centred_embedding_cosine": 0.99}}
+
+
+def optimize_bundle(
+    bundle: Path,
+    *,
+    int8: bool = True,
+    dynamic: bool = True,
+    keep_fp32: list[str] | None = None,
+    calibration_windows_count: int = 8,
+    keep_failed: bool = False,
+    quick: bool = False,
+    threads: int | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Write the CPU variants into `bundle`, gate each, record them in the manifest. Returns the summary."""
+    say = progress or (lambda _m: None)
+    bundle = Path(bundle)
+    manifest = bundle_io.read_manifest(bundle)
+    names = [o["name"] for o in manifest["outputs"]]
+    rate, window, hidden = int(manifest["sample_rate"]), float(manifest["window_seconds"]), int(
+        manifest["embedding_dim"])
+    cases = optimize_cases(rate, window, quick=quick)
+    src = bundle / "model.onnx"
+    reference = ort_runner(src, names, threads)
+    say(f"reference outputs of model.onnx on {len(cases)} cases")
+    references = {c.name: reference(c.audio) for c in cases}
+
+    def cached_reference(audio):
+        for c in cases:
+            if c.audio is audio:
+                return references[c.name]
+        return reference(audio)
+
+    variants = dict(manifest.get("variants") or {})
+    summary: dict = {}
+    written: list[str] = []
+
+    started = time.time()
+    info = write_cpu_model(src, bundle / "model.cpu.onnx", hidden, say=say)
+    say("fp32 gate of model.cpu.onnx against model.onnx")
+    figures = fp32_compare(ort_runner(bundle / "model.cpu.onnx", names, threads), cached_reference, cases, names)
+    entry = {"precision": "fp32", "parity": figures["passed"], "figures": figures["worst"], **info,
+             "seconds": round(time.time() - started, 1)}
+    summary["model.cpu.onnx"] = {**entry, "comparisons": figures["comparisons"]}
+    variants["model.cpu.onnx"] = entry
+    _keep_or_drop(bundle, "model.cpu.onnx", figures["passed"], keep_failed, written)
+
+    plans = []
+    if int8 and dynamic:
+        plans.append(("model.int8dyn.onnx", lambda dst: write_dynamic_int8(src, dst, keep_fp32 or [])))
+    if int8:
+        windows = calibration_windows(rate, window, calibration_windows_count)
+        plans.append(("model.int8.onnx", lambda dst: write_static_int8(src, dst, windows, keep_fp32 or [])))
+    for name, write in plans:
+        started = time.time()
+        say(f"writing {name}")
+        info = write(bundle / name)
+        say(f"reduced-precision gate of {name}")
+        report = run_reduced_gate(name, ort_runner(bundle / name, names, threads), references, cases,
+                                  token_cosine=LOWP_TOKEN_COSINE, progress=say)
+        gate = gate_summary(report)
+        entry = {"precision": "int8", "parity": report.passed, "figures": gate, **info,
+                 "seconds": round(time.time() - started, 1)}
+        variants[name] = entry
+        summary[name] = {**entry, "comparisons": [c.__dict__ for c in report.comparisons]}
+        _keep_or_drop(bundle, name, report.passed, keep_failed, written)
+
+    ok, why = bf16_supported()
+    variants["model.bf16.onnx"] = {"precision": "bf16", "parity": False, "written": False,
+                                   "figures": None, "reason": why if not ok else "not attempted"}
+    summary["model.bf16.onnx"] = variants["model.bf16.onnx"]
+
+    manifest = bundle_io.read_manifest(bundle)
+    for stale in ("model.cpu.onnx", "model.int8.onnx", "model.int8dyn.onnx"):
+        if stale not in written:
+            manifest["files"].pop(stale, None)
+    bundle_io.write_json_atomic(bundle / bundle_io.MANIFEST, manifest)
+    merged = {**(manifest.get("variants") or {}), **variants}
+    bundle_io.add_files_to_manifest(bundle, written, variants=merged,
+                                    optimize={k: {kk: vv for kk, vv in v.items() if kk != "comparisons"}
+                                              for k, v in summary.items()})
+    return summary
+
+
+def _keep_or_drop(bundle: Path, name: str, passed: bool, keep_failed: bool, written: list[str]) -> None:
+    if passed or keep_failed:
+        written.append(name)
+    else:
+        (bundle / name).unlink(missing_ok=True)

@@ -1,0 +1,480 @@
+"""`edgeenc bench`: latency, real-time factor, throughput, cold start and memory per backend and variant.
+
+Never imports torch. Every report carries the physical limit measured in the same run:
+
+- FLOPs per clip, counted from the bundle's ONNX graph at the clip's real shapes: one ONNX Runtime
+  run of model.onnx with graph optimisations off and profiling on records the input and output shape
+  of every node; MatMul / Gemm count 2*M*N*K (batched over leading dims) and Conv counts
+  2 * output elements * (C_in / groups) * kernel size. Element-wise ops, softmax and norms are not
+  counted (they are < 1 % of a transformer's work), so this is the GEMM work a perfect kernel must do.
+- this machine's fp32 GEMM rate: numpy float32 matmul of square matrices (1024-2048) in a fresh
+  subprocess with the same thread count, best of a few, measured before and after the model runs
+  (the higher one counts; other load on the machine only lowers it).
+
+Every row then shows "% of GEMM peak" = achieved FLOP/s (FLOPs per clip x clips/s) / GEMM FLOP/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata, resources
+from pathlib import Path
+
+import numpy as np
+
+from edgeenc.export.bundle import read_manifest
+
+from .backends import BackendUnavailable, OrtBackend, import_onnxruntime, select_backend
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
+MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul")
+CONV_OPS = ("Conv", "ConvInteger", "QLinearConv")
+
+
+# ---------------------------------------------------------------------------------------------- machine
+
+
+def machine_info() -> dict:
+    """CPU model, cores, ISA flags, runtime versions, Jetson power mode where present."""
+    info: dict = {"platform": platform.platform(), "python": platform.python_version(),
+                  "logical_cpus": os.cpu_count()}
+    try:
+        info["cpus_available"] = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        info["cpus_available"] = os.cpu_count()
+    model, flags, cores = None, set(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    physical = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key in ("model name", "Model") and model is None:
+            model = value
+        elif key == "flags" and not flags:
+            flags = set(value.split())
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            cores.add((physical, value))
+    info["cpu_model"] = model or platform.processor() or None
+    info["physical_cores"] = len(cores) or None
+    info["isa"] = {flag: flag in flags for flag in ISA_FLAGS} if flags else {}
+    for package in ("onnxruntime", "onnxruntime-gpu", "tensorrt", "numpy"):
+        try:
+            info[f"{package}_version"] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[f"{package}_version"] = None
+    if info.get("tensorrt_version") is None:
+        try:
+            import tensorrt  # noqa: F401  (Jetson: the system's TensorRT has no pip metadata)
+
+            info["tensorrt_version"] = tensorrt.__version__
+        except Exception:
+            pass
+    try:
+        ort = import_onnxruntime()
+        info["onnxruntime_providers"] = ort.get_available_providers()
+    except BackendUnavailable:
+        info["onnxruntime_providers"] = []
+    info["jetson_power_mode"] = _nvpmodel()
+    return info
+
+
+def _nvpmodel() -> str | None:
+    try:
+        done = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None
+
+
+_GEMM_CODE = """
+import sys, time, numpy as np
+n, repeats = int(sys.argv[1]), int(sys.argv[2])
+rng = np.random.default_rng(0)
+a = rng.standard_normal((n, n), dtype=np.float32); b = rng.standard_normal((n, n), dtype=np.float32)
+c = a @ b
+best = float("inf")
+for _ in range(repeats):
+    t = time.perf_counter(); c = a @ b; best = min(best, time.perf_counter() - t)
+print(2.0 * n ** 3 / best / 1e9)
+"""
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads:
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS"):
+            env[name] = str(threads)
+    return env
+
+
+def gemm_gflops(threads: int | None, sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5) -> dict:
+    """fp32 GEMM GFLOP/s of numpy with `threads` BLAS threads (fresh process, so the count applies)."""
+    results = {}
+    for n in sizes:
+        done = subprocess.run([sys.executable, "-c", _GEMM_CODE, str(n), str(repeats)], capture_output=True,
+                              text=True, env=thread_env(threads), timeout=300)
+        if done.returncode == 0:
+            results[str(n)] = float(done.stdout.strip().splitlines()[-1])
+    best = max(results.values()) if results else None
+    return {"gflops": best, "per_size": results, "threads": threads, "repeats": repeats,
+            "how": "numpy float32 square matmul, best of repeats, fresh process with *_NUM_THREADS set"}
+
+
+# ---------------------------------------------------------------------------------------------- FLOPs
+
+
+def count_flops(model_path: Path, audio: np.ndarray) -> dict:
+    """GEMM/Conv FLOPs of one run of `model_path` on `audio`, from ONNX Runtime's per-node shapes."""
+    ort = import_onnxruntime()
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "flops")
+        session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"audio": np.ascontiguousarray(audio, dtype=np.float32)})
+        events = json.loads(Path(session.end_profiling()).read_text())
+    conv = _conv_attributes(model_path)
+    by_op: dict[str, float] = {}
+    seen: set[str] = set()
+    for event in events:
+        args = event.get("args", {})
+        op = args.get("op_name")
+        if event.get("cat") != "Node" or op is None or not event.get("name", "").endswith("_kernel_time"):
+            continue
+        if event["name"] in seen:
+            continue
+        seen.add(event["name"])
+        ins = [_shape(x) for x in args.get("input_type_shape", [])]
+        outs = [_shape(x) for x in args.get("output_type_shape", [])]
+        flops = _node_flops(op, ins, outs, conv.get(event["name"][: -len("_kernel_time")]))
+        if flops:
+            by_op[op] = by_op.get(op, 0.0) + flops
+    return {"flops": sum(by_op.values()), "by_op": by_op, "batch": int(audio.shape[0]),
+            "samples": int(audio.shape[1]),
+            "how": "ONNX Runtime profile of model.onnx (no graph optimisation) at the clip's shapes; "
+                   "MatMul/Gemm 2*M*N*K, Conv 2*out*Cin/groups*kernel; element-wise ops not counted"}
+
+
+def _shape(entry: dict) -> list[int]:
+    return list(next(iter(entry.values()))) if entry else []
+
+
+def _conv_attributes(model_path: Path) -> dict[str, tuple[int, list[int]]]:
+    """(groups, kernel shape) per Conv node: the profile leaves out initializer (weight) shapes."""
+    try:
+        import onnx
+    except ImportError:
+        return {}
+    model = onnx.load(str(model_path), load_external_data=False)
+    weights = {i.name: list(i.dims) for i in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type in CONV_OPS:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            w = weights.get(node.input[1] if node.op_type != "QLinearConv" else node.input[3])
+            kernel = list(attrs.get("kernel_shape") or (w[2:] if w else []))
+            found[node.name] = (int(attrs.get("group", 1)), kernel)
+    return found
+
+
+def _node_flops(op: str, ins: list[list[int]], outs: list[list[int]], conv: tuple | None = None) -> float:
+    """2*M*N*K for MatMul/Gemm (K = last dim of A), 2*out*Cin/groups*kernel for Conv."""
+    if not outs or not outs[0] or not ins or not ins[0]:
+        return 0.0
+    out = outs[0]
+    if op in MATMUL_OPS:
+        k = ins[0][-1]
+        if op == "Gemm" and len(ins[0]) == 2 and len(out) == 2:
+            k = ins[0][1] if ins[0][0] == out[0] else ins[0][0]  # transA is not in the profile
+        return 2.0 * float(np.prod(out)) * k
+    if op in CONV_OPS and conv is not None:
+        groups, kernel = conv
+        return 2.0 * float(np.prod(out)) * (ins[0][1] / groups) * float(np.prod(kernel))
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------- audio
+
+
+def bench_audio(sample_rate: int, seconds: float, batch: int) -> np.ndarray:
+    """`batch` clips of `seconds` of the bundled real recording (tiled at different gains)."""
+    import soundfile as sf
+    import soxr
+
+    with resources.as_file(resources.files("edgeenc") / "data" / "birds_10s.wav") as path:
+        audio, rate = sf.read(str(path), dtype="float64", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != sample_rate:
+        audio = soxr.resample(audio, rate, sample_rate, quality="HQ")
+    n = int(round(seconds * sample_rate))
+    reps = int(np.ceil(n * batch / len(audio))) + 1
+    tiled = np.concatenate([audio * (1.0 if i % 2 == 0 else 0.5) for i in range(reps)]).astype(np.float32)
+    return np.stack([tiled[i * n // 2: i * n // 2 + n] for i in range(batch)])
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Target:
+    """One thing to time: a backend on one model file."""
+
+    backend: str  # cpu, cuda, trt
+    variant: str  # file name, e.g. model.cpu.onnx, or the engine
+    precision: str
+    runner: object = field(repr=False, default=None)
+    description: str = ""
+    quality: dict | None = None
+
+
+def percentiles(times: list[float]) -> dict:
+    arr = np.asarray(times, dtype=np.float64) * 1000.0
+    p50, p90, p99 = (float(np.percentile(arr, q, method="higher")) for q in (50, 90, 99))
+    return {"p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(arr.mean()), "min_ms": float(arr.min()),
+            "runs": len(times)}
+
+
+def time_interleaved(targets: list[Target], audio: np.ndarray, runs: int, warmup: int) -> dict[str, list[float]]:
+    """Warm every target, then round-robin one run each so load on the machine hits all alike."""
+    for target in targets:
+        for _ in range(warmup):
+            target.runner.run(audio)
+    times: dict[str, list[float]] = {t.variant + "@" + t.backend: [] for t in targets}
+    for _ in range(runs):
+        for target in targets:
+            start = time.perf_counter()
+            target.runner.run(audio)
+            times[target.variant + "@" + target.backend].append(time.perf_counter() - start)
+    return times
+
+
+_COLD_CODE = """
+import sys, time, json, resource
+t_import = time.time()
+import numpy as np
+from edgeenc.runtime.bench import bench_audio, load_target, peak_rss_mb
+from edgeenc.export.bundle import read_manifest
+bundle, backend, variant, threads, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
+manifest = read_manifest(bundle)
+audio = bench_audio(int(manifest["sample_rate"]), seconds, 1)
+t_load = time.time()
+target = load_target(bundle, manifest, backend, variant, threads or None)
+t_loaded = time.time()
+target.runner.run(audio)
+t_done = time.time()
+print(json.dumps({"interpreter_up": t_import, "load_start": t_load, "loaded": t_loaded, "first_done": t_done,
+                  "peak_rss_mb": peak_rss_mb()}))
+"""
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM (reset at exec, unlike ru_maxrss, which Linux keeps across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cold_start(bundle: Path, backend: str, variant: str, threads: int | None, seconds: float) -> dict:
+    """Process start -> first embedding, in a fresh `python -c`, timed from before the interpreter starts."""
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", _COLD_CODE, str(bundle), backend, variant, str(threads or 0),
+                           str(seconds)], capture_output=True, text=True, env=thread_env(threads), timeout=600)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
+    t = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "cold_start_s": t["first_done"] - start,
+        "interpreter_and_imports_s": t["load_start"] - start,
+        "session_load_s": t["loaded"] - t["load_start"],
+        "first_run_s": t["first_done"] - t["loaded"],
+        "peak_rss_mb": t["peak_rss_mb"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+def cpu_variants(bundle: Path, manifest: dict) -> list[tuple[str, str]]:
+    """(file, precision) of model.onnx and every variant the manifest lists as passed (fp16 is GPU-only)."""
+    found = [("model.onnx", "fp32")]
+    for name, entry in (manifest.get("variants") or {}).items():
+        if name == "model.onnx" or not entry.get("parity") or not (bundle / name).is_file():
+            continue
+        if entry.get("precision") == "fp16":
+            continue  # ONNX Runtime CPU has no fast fp16 kernels; the fp16 variant is for GPUs
+        found.append((name, entry.get("precision", "?")))
+    return found
+
+
+def output_names(manifest: dict) -> list[str]:
+    return [o["name"] for o in manifest["outputs"] if o["name"] in ("tokens", "embedding", "logits")]
+
+
+def load_target(bundle, manifest: dict, backend: str, variant: str, threads: int | None) -> Target:
+    bundle = Path(bundle)
+    names = [n for n in output_names(manifest) if n in ("embedding", "logits")]
+    precision = (manifest.get("variants") or {}).get(variant, {}).get("precision", "fp32")
+    if backend == "cpu":
+        runner = OrtBackend(bundle / variant, names, provider="CPUExecutionProvider", threads=threads)
+    else:
+        runner, _ = select_backend(bundle, manifest, names, backend, threads)
+        variant = runner.description
+    quality = (manifest.get("variants") or {}).get(variant, {}).get("figures")
+    return Target(backend, variant, precision, runner, runner.description, quality)
+
+
+def gpu_memory_mb() -> float | None:
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        return float(done.stdout.strip().splitlines()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def run_bench(
+    bundle: Path,
+    *,
+    device: str = "auto",
+    batches: list[int] | None = None,
+    seconds: float | None = None,
+    runs: int = 10,
+    warmup: int = 2,
+    threads: int | None = None,
+    cold: bool = True,
+    progress=None,
+) -> dict:
+    """The whole report as a dict (see `format_table` for the human view)."""
+    say = progress or (lambda _m: None)
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    rate = int(manifest["sample_rate"])
+    seconds = float(seconds or manifest["window_seconds"])
+    batches = sorted(set(batches or [1]))
+    threads = threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    report: dict = {"bundle": str(bundle), "model_id": manifest.get("model_id"), "clip_seconds": seconds,
+                    "sample_rate": rate, "threads": threads, "runs": runs, "warmup": warmup, "batches": batches}
+    say("machine info")
+    report["machine"] = machine_info()
+    say("fp32 GEMM peak (before)")
+    gemm_before = gemm_gflops(threads)
+    say("counting FLOPs per clip from model.onnx")
+    report["flops"] = count_flops(bundle / "model.onnx", bench_audio(rate, seconds, 1))
+    flops_per_clip = report["flops"]["flops"]
+    report["flops_per_clip"] = flops_per_clip
+    report["gflop_per_clip"] = flops_per_clip / 1e9
+
+    specs: list[tuple[str, str]] = []
+    if device in ("auto", "cpu"):
+        specs += [("cpu", name) for name, _ in cpu_variants(bundle, manifest)]
+    if device in ("auto", "cuda", "trt"):
+        for name in (("trt", "cuda") if device == "auto" else (device,)):
+            specs.append((name, "model.onnx"))
+    targets: list[Target] = []
+    skipped = []
+    for backend, variant in specs:
+        try:
+            targets.append(load_target(bundle, manifest, backend, variant, threads))
+        except BackendUnavailable as exc:
+            if device not in ("auto", "cpu"):
+                raise
+            skipped.append({"backend": backend, "reason": str(exc)})
+    report["skipped"] = skipped
+    rows = []
+    for batch in batches:
+        audio = bench_audio(rate, seconds, batch)
+        say(f"timing {len(targets)} targets at batch {batch} ({runs} interleaved runs)")
+        times = time_interleaved(targets, audio, runs, warmup)
+        for target in targets:
+            stats = percentiles(times[target.variant + "@" + target.backend])
+            p50 = stats["p50_ms"] / 1000.0
+            rows.append({"backend": target.backend, "variant": target.variant, "precision": target.precision,
+                         "description": target.description, "batch": batch, **stats,
+                         "rtf": batch * seconds / p50, "clips_per_s": batch / p50,
+                         "achieved_gflops": flops_per_clip * batch / p50 / 1e9, "quality": target.quality})
+    for target in targets:
+        target.runner.close()
+    say("fp32 GEMM peak (after)")
+    gemm_after = gemm_gflops(threads)
+    peaks = [g["gflops"] for g in (gemm_before, gemm_after) if g["gflops"]]
+    peak = max(peaks) if peaks else None
+    report["gemm"] = {"gflops": peak, "before": gemm_before, "after": gemm_after}
+    for row in rows:
+        row["percent_of_gemm_peak"] = 100.0 * row["achieved_gflops"] / peak if peak else None
+    if cold:
+        for target in targets:
+            say(f"cold start {target.variant} ({target.backend})")
+            variant = target.variant if target.backend == "cpu" else "model.onnx"
+            figures = cold_start(bundle, target.backend, variant, threads, seconds)
+            for row in rows:
+                if row["variant"] == target.variant and row["backend"] == target.backend:
+                    row.update({k: v for k, v in figures.items()})
+    report["rows"] = rows
+    report["bench_process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    report["gpu_memory_mb"] = gpu_memory_mb()
+    report["notes"] = [
+        "latency per call of the backend on a [batch, samples] array (no file I/O, no windowing)",
+        "rtf = audio seconds per wall second at p50; clips_per_s = batch / p50",
+        "cold start: fresh python -c, timed from before the interpreter starts to the first output; "
+        "peak_rss_mb is that process's ru_maxrss after one clip",
+        "percent_of_gemm_peak = FLOPs per clip x clips/s / numpy fp32 GEMM FLOP/s at the same thread count "
+        "(for int8 variants above 100 % is possible: the peak is an fp32 one)",
+    ]
+    return report
+
+
+def format_table(report: dict) -> str:
+    m = report["machine"]
+    gemm = report["gemm"]["gflops"]
+    lines = [
+        f"{report['model_id']}  clip {report['clip_seconds']:g} s  threads {report['threads']}  "
+        f"{report['gflop_per_clip']:.1f} GFLOP/clip",
+        f"cpu: {m.get('cpu_model')}  ({m.get('cpus_available')} cpus; "
+        + " ".join(k for k, v in m.get("isa", {}).items() if v) + ")",
+        f"onnxruntime {m.get('onnxruntime_version') or m.get('onnxruntime-gpu_version')}  tensorrt "
+        f"{m.get('tensorrt_version')}  fp32 GEMM peak {gemm:.1f} GFLOP/s" if gemm else "GEMM peak: not measured",
+        "",
+    ]
+    header = ("backend", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "rtf", "clips/s", "GFLOP/s", "% peak",
+              "cold s", "rss MB")
+    table = [header]
+    for r in report["rows"]:
+        table.append((r["backend"], r["variant"], str(r["batch"]), f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}",
+                      f"{r['p99_ms']:.1f}", f"{r['rtf']:.1f}", f"{r['clips_per_s']:.2f}",
+                      f"{r['achieved_gflops']:.1f}",
+                      f"{r['percent_of_gemm_peak']:.0f}" if r.get("percent_of_gemm_peak") is not None else "-",
+                      f"{r['cold_start_s']:.2f}" if "cold_start_s" in r else "-",
+                      f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for i, row in enumerate(table):
+        lines.append("  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    for s in report.get("skipped", []):
+        lines.append(f"skipped {s['backend']}: {s['reason']}")
+    return "\n".join(lines)
+
+
+def report_json(report: dict) -> str:
+    return json.dumps(report, indent=1, default=lambda o: asdict(o) if hasattr(o, "__dataclass_fields__") else str(o))

@@ -1,0 +1,89 @@
+"""`edgeenc bench --json` and `edgeenc optimize` on a tiny random-init BEATs bundle (fast)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from edgeenc.cli import app
+
+TINY = dict(embed_dim=64, depth=2, heads=4, ffn_dim=128, patch_dim=32, conv_pos=16, conv_pos_groups=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from edgeenc.export.pipeline import export_bundle
+    from edgeenc.models.checkpoints import load_model
+
+    loaded = load_model("esp_aves2_naturelm_audio_v1_beats", random_init=True, **TINY)
+    out = tmp_path_factory.mktemp("tiny") / "bundle"
+    assert export_bundle(loaded, out).passed
+    return out
+
+
+@pytest.fixture(scope="module")
+def optimized(tiny_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("opt") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    result = CliRunner().invoke(app, ["optimize", str(out), "--threads", "2"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_bench_json_fields(optimized, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(optimized), "--device", "cpu", "--batch", "1", "--batch", "2",
+                                      "--seconds", "2", "--runs", "3", "--warmup", "1", "--threads", "2",
+                                      "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "% peak" in result.output
+    report = json.loads(out.read_text())
+    machine = report["machine"]
+    for key in ("cpu_model", "cpus_available", "isa", "onnxruntime_version", "tensorrt_version", "jetson_power_mode"):
+        assert key in machine
+    assert "avx512f" in machine["isa"] or not machine["isa"]
+    assert report["flops_per_clip"] > 0 and report["flops"]["by_op"]
+    assert report["gemm"]["gflops"] > 0
+    assert "gpu_memory_mb" in report and report["bench_process_peak_rss_mb"] > 0
+    variants = {r["variant"] for r in report["rows"]}
+    assert {"model.onnx", "model.cpu.onnx"} <= variants
+    assert {r["batch"] for r in report["rows"]} == {1, 2}
+    for row in report["rows"]:
+        assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["rtf"] > 0 and row["clips_per_s"] > 0
+        assert 0 < row["percent_of_gemm_peak"] <= 1000
+        assert row["cold_start_s"] > row["session_load_s"] > 0
+        assert row["peak_rss_mb"] > 0
+
+
+def test_flops_scale_with_length(tiny_bundle):
+    from edgeenc.runtime.bench import bench_audio, count_flops
+
+    short = count_flops(tiny_bundle / "model.onnx", bench_audio(16000, 2.0, 1))["flops"]
+    long = count_flops(tiny_bundle / "model.onnx", bench_audio(16000, 4.0, 1))["flops"]
+    two = count_flops(tiny_bundle / "model.onnx", bench_audio(16000, 2.0, 2))["flops"]
+    assert long > 1.8 * short  # linear layers double, attention quadruples
+    assert two == pytest.approx(2 * short, rel=1e-6)
+
+
+def test_optimize_writes_preferred_cpu_model(optimized):
+    from edgeenc.export.bundle import read_manifest, verify_bundle
+    from edgeenc.runtime.encoder import Encoder
+
+    manifest = read_manifest(optimized)
+    entry = manifest["variants"]["model.cpu.onnx"]
+    assert entry["parity"] is True and entry["precision"] == "fp32"
+    assert entry["figures"]["max_abs"] <= 2e-3 and entry["figures"]["min_token_cosine"] >= 0.99999
+    assert entry["fused_operators"]
+    assert manifest["variants"]["model.onnx"]["parity"] is True  # the export's entry survives the merge
+    for name in ("model.int8dyn.onnx", "model.int8.onnx"):
+        v = manifest["variants"][name]
+        assert v["figures"]["min_token_cosine"] is not None
+        assert v["parity"] == (optimized / name).is_file()  # only passing files stay in the bundle
+    assert manifest["variants"]["model.bf16.onnx"]["written"] is False
+    assert verify_bundle(optimized) == []
+    encoder = Encoder.load(optimized, "cpu")
+    assert "model.cpu.onnx" in encoder.backend.description
