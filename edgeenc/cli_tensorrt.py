@@ -1,4 +1,4 @@
-"""`edgeenc build`: TensorRT engine from a bundle (filled in by the TensorRT work)."""
+"""`edgeenc build`: a TensorRT engine for this GPU into BUNDLE/engines/, gated on parity."""
 
 from __future__ import annotations
 
@@ -6,8 +6,57 @@ from pathlib import Path
 
 import typer
 
+EXIT_UNAVAILABLE = 2
 
-def build(bundle: Path = typer.Argument(..., help="a bundle folder written by `edgeenc export`")) -> None:
-    """Build a TensorRT engine into BUNDLE/engines/."""
-    typer.secho("error: edgeenc build is not implemented yet", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+
+def build(
+    bundle: Path = typer.Argument(..., help="a bundle folder written by `edgeenc export`"),
+    precision: str = typer.Option("fp16", help="fp16 (GEMMs fp16, front end / LayerNorm / softmax fp32) or fp32"),
+    max_batch: int | None = typer.Option(None, help="largest batch the engine accepts (default 8)"),
+    min_seconds: float | None = typer.Option(None, help="shortest input in seconds (default: the model's minimum)"),
+    max_seconds: float | None = typer.Option(None, help="longest input in seconds (default 30)"),
+    opt_seconds: float | None = typer.Option(None, help="length TensorRT tunes for (default: the model's window)"),
+    workspace_gb: float = typer.Option(2.0, help="builder workspace limit in GiB (Jetson: shared with the system)"),
+) -> None:
+    """Build a TensorRT engine for this GPU into BUNDLE/engines/ and add it to the manifest."""
+    from edgeenc.cli import EXIT_PARITY_FAILED, _progress_printer, err, note
+    from edgeenc.export.bundle import BundleError, read_manifest
+    from edgeenc.export.tensorrt import PRECISIONS, BuildError, TensorRTUnavailable, build_engine, compute_profile
+
+    if precision not in PRECISIONS:
+        err(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise typer.Exit(EXIT_UNAVAILABLE)
+    try:
+        from edgeenc.runtime.tensorrt_backend import require_tensorrt
+
+        require_tensorrt()  # before reading anything: say at once what to install
+        manifest = read_manifest(bundle)
+        if manifest.get("status") != "ok":
+            note(f"warning: {bundle} is marked {manifest.get('status')!r} by export (see parity.json)")
+        profile = compute_profile(manifest, max_batch=max_batch, min_seconds=min_seconds, max_seconds=max_seconds,
+                                  opt_seconds=opt_seconds)
+        for line in profile.notes:
+            note(f"note: {line}")
+        result = build_engine(bundle, precision=precision, profile=profile, workspace_gb=workspace_gb,
+                              progress=_progress_printer())
+    except (TensorRTUnavailable, BundleError, ValueError) as exc:
+        err(str(exc))
+        raise typer.Exit(EXIT_UNAVAILABLE) from None
+    except BuildError as exc:
+        err(str(exc))
+        raise typer.Exit(1) from None
+    layers = result.data["layers"]
+    by_precision = ", ".join(f"{label} {count}" for label, count in layers["by_precision"].items())
+    note(f"layers: {layers['layers']} ({by_precision})")
+    for name in layers["critical_not_fp32"][:10]:
+        note(f"  not fp32 (LayerNorm / softmax / pooling / front end): {name}")
+    parity = result.data["parity"]
+    worst = ", ".join(f"{k} min_cos {v['min_cosine']:.6f} max_abs {v['max_abs']:.2e}"
+                      for k, v in parity["worst"].items())
+    note(f"parity {precision} engine vs ONNX Runtime fp32: {'PASS' if result.accepted else 'FAIL'} ({worst})")
+    typer.echo(str(result.engine))
+    if not result.accepted:
+        err(f"the engine failed its parity gate and was not added to the manifest; kept aside as {result.engine.name} "
+            f"(details in {result.sidecar.name}); try --precision fp32")
+        raise typer.Exit(EXIT_PARITY_FAILED)
+

@@ -1,0 +1,329 @@
+"""The TensorRT backend: a bundle's engine for this GPU, run with cuda-python (no pycuda, no torch).
+
+Also the rules that say which engine may run here (engines are per GPU and TensorRT version,
+shared/DESIGN.md), because both `edgeenc build` and the runtime need them and the runtime must
+not depend on export code. tensorrt and cuda-python are imported only when a backend is made.
+
+cuda-python renamed its modules in 12.6.1 (`cuda.cudart` -> `cuda.bindings.runtime`) and 13.0
+dropped the old names; both are tried. One non-default stream; device buffers and pinned host
+buffers per I/O tensor, reused across calls and grown when a bigger shape arrives.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .backends import BackendUnavailable
+
+ENGINES_DIR = "engines"
+ON_JETSON = Path("/etc/nv_tegra_release").exists()
+DESKTOP_TENSORRT = "pip install 'edgeenc[tensorrt]' (the tensorrt wheel; tensorrt-cu12 on CUDA 12)"
+JETSON_TENSORRT = ("use JetPack's TensorRT (sudo apt install nvidia-jetpack, which brings python3-libnvinfer) from a "
+                   "venv made with --system-site-packages, never a pip wheel (docs/jetson.md)")
+
+
+class TensorRTUnavailable(BackendUnavailable):
+    """tensorrt, cuda-python or a CUDA GPU is missing, or no engine fits; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The optimisation profile of the `audio` input: [batch, samples] min / opt / max."""
+
+    sample_rate: int
+    min_shape: tuple[int, int]
+    opt_shape: tuple[int, int]
+    max_shape: tuple[int, int]
+    notes: tuple[str, ...] = ()
+    input_name: str = "audio"
+
+    def contains(self, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and all(lo <= n <= hi for lo, n, hi in zip(self.min_shape, shape, self.max_shape))
+
+    def describe(self) -> str:
+        (b0, n0), (bo, no), (b1, n1) = self.min_shape, self.opt_shape, self.max_shape
+        rate = self.sample_rate
+        return (f"batch {b0}-{b1}, {n0 / rate:g}-{n1 / rate:g} s ({n0}-{n1} samples at {rate} Hz), "
+                f"optimised for {bo} x {no / rate:g} s")
+
+    def to_json(self) -> dict:
+        seconds = {k: s[1] / self.sample_rate for k, s in
+                   (("min", self.min_shape), ("opt", self.opt_shape), ("max", self.max_shape))}
+        return {"input": self.input_name, "sample_rate": self.sample_rate, "min": list(self.min_shape),
+                "opt": list(self.opt_shape), "max": list(self.max_shape), "seconds": seconds,
+                "notes": list(self.notes)}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+
+
+def device_key(gpu_name: str, compute_capability: str, trt_version: str) -> str:
+    """What an engine or a timing cache is valid for, as a file-name fragment."""
+    return f"{_slug(gpu_name)}.sm{compute_capability.replace('.', '')}.trt{trt_version}"
+
+
+def engine_file_name(precision: str, gpu_name: str, compute_capability: str, trt_version: str) -> str:
+    return f"model.{precision}.{device_key(gpu_name, compute_capability, trt_version)}.engine"
+
+
+def rebuild_command(bundle: Path, sidecar: dict | None = None) -> str:
+    command = f"edgeenc build {bundle}"
+    if sidecar:
+        command += f" --precision {sidecar.get('precision', 'fp16')}"
+        profile = sidecar.get("profile") or {}
+        if profile.get("max"):
+            command += f" --max-batch {profile['max'][0]} --max-seconds {profile['seconds']['max']:g}"
+    return command
+
+
+def sidecar_matches(
+    sidecar: dict, gpu_name: str, compute_capability: str, trt_version: str, *, multiprocessors: int | None = None
+) -> tuple[bool, str]:
+    """Whether the engine described by `sidecar` may run on this GPU and TensorRT, and why (not)."""
+    gpu = sidecar.get("gpu", {})
+    built = sidecar.get("tensorrt_version")
+    if built != trt_version:
+        return False, f"built with TensorRT {built}, this machine has TensorRT {trt_version}"
+    if gpu.get("compute_capability") != compute_capability:
+        return False, (f"built for compute capability {gpu.get('compute_capability')}, this {gpu_name} is "
+                       f"{compute_capability}")
+    if gpu.get("name") != gpu_name:
+        return False, f"built on a {gpu.get('name')}, this GPU is a {gpu_name}"
+    # Every Jetson Orin module reports "Orin" at sm_87; the SM count tells Nano, NX and AGX apart.
+    built_sms = gpu.get("multiprocessors")
+    if multiprocessors is not None and built_sms is not None and built_sms != multiprocessors:
+        return False, f"built on a {gpu_name} with {built_sms} SMs, this one has {multiprocessors}"
+    if not (sidecar.get("parity") or {}).get("passed", False):
+        return False, "it failed its parity gate when it was built"
+    return True, f"built for this {gpu_name} (compute capability {compute_capability}) and TensorRT {trt_version}"
+
+
+def refusal_message(bundle: Path, reasons: list[str], machine: str, sidecar: dict | None = None) -> str:
+    """Why no engine of `bundle` runs on `machine`, with the command that builds one that does."""
+    found = "; ".join(reasons) if reasons else f"there is no engine in {Path(bundle) / ENGINES_DIR}"
+    return (f"no TensorRT engine of {bundle} fits this machine ({machine}): {found}. An engine is valid only for "
+            f"the GPU and TensorRT version that built it: build one here with `{rebuild_command(bundle, sidecar)}`")
+
+
+def engine_sidecars(bundle: Path) -> list[tuple[Path, dict]]:
+    """(engine path, sidecar) for every readable sidecar in BUNDLE/engines."""
+    found = []
+    for path in sorted((Path(bundle) / ENGINES_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and "engine" in data:
+            found.append((path.parent / data["engine"], data))
+    return found
+
+
+def select_engine(bundle: Path, manifest: dict, gpu: dict, trt_version: str) -> tuple[Path, dict]:
+    """The engine to run here (fp16 before fp32, newest first), or TensorRTUnavailable with every reason."""
+    reasons, usable = [], []
+    files = manifest.get("files", {})
+    for engine, sidecar in engine_sidecars(bundle):
+        ok, why = sidecar_matches(sidecar, gpu["name"], gpu["compute_capability"], trt_version,
+                                  multiprocessors=gpu.get("multiprocessors"))
+        source = files.get(sidecar.get("source_onnx", ""), {})
+        if ok and source and source.get("sha256") != sidecar.get("source_onnx_sha256"):
+            ok, why = False, f"built from an earlier export of {sidecar['source_onnx']}"
+        elif ok and (not engine.is_file() or engine.stat().st_size != sidecar.get("engine_bytes")):
+            ok, why = False, "the engine file is missing or differs from its sidecar"
+        if ok:
+            usable.append((engine, sidecar))
+        else:
+            reasons.append(f"{engine.name}: {why}")
+    if not usable:
+        machine = f"{gpu['name']}, compute capability {gpu['compute_capability']}, TensorRT {trt_version}"
+        newest = max((sc for _, sc in engine_sidecars(bundle)), key=lambda sc: sc.get("built_at", ""), default=None)
+        raise TensorRTUnavailable(refusal_message(bundle, reasons, machine, newest))
+    fp16 = [item for item in usable if item[1].get("precision") == "fp16"]
+    return max(fp16 or usable, key=lambda item: item[1].get("built_at", ""))
+
+
+def import_cudart():
+    """cuda-python's runtime module under its 12.6.1+ name or its older one; None if not installed."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6.1
+        except ImportError:
+            return None
+    return cudart
+
+
+def _cuda(result):
+    """Unwrap a cuda-python (err, value...) tuple, raising on any error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA call failed: {getattr(err, 'name', err)}")
+    return values[0] if len(values) == 1 else None
+
+
+def _handle(obj) -> int:
+    """A raw handle for TensorRT; cuda-python 13 deprecates int() on its objects."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
+def require_tensorrt():
+    """(tensorrt, cudart) modules, or TensorRTUnavailable naming everything that is missing."""
+    problems = []
+    try:
+        import tensorrt as trt
+    except ImportError:
+        trt = None
+        hints = [f"on a desktop GPU {DESKTOP_TENSORRT}", f"on Jetson {JETSON_TENSORRT}"]
+        hints = hints[::-1] if ON_JETSON else hints
+        problems.append("the tensorrt Python package is not installed: " + "; ".join(hints))
+    cudart = import_cudart()
+    if cudart is None:
+        problems.append("cuda-python is not installed (device memory and streams): pip install cuda-python "
+                        "(a 12.x release on CUDA 12 / JetPack 6)")
+    else:
+        try:
+            count = _cuda(cudart.cudaGetDeviceCount())
+        except RuntimeError as exc:
+            count, detail = 0, str(exc)
+        else:
+            detail = "cudaGetDeviceCount() is 0"
+        if not count:
+            problems.append(f"no CUDA GPU is visible ({detail}); TensorRT builds and runs engines on NVIDIA GPUs only")
+    if problems:
+        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems))
+    return trt, cudart
+
+
+def gpu_identity(cudart, device: int = 0) -> dict:
+    """Name, compute capability and size of a GPU: what an engine is bound to."""
+    prop = _cuda(cudart.cudaGetDeviceProperties(device))
+    name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    return {
+        "name": name.split("\x00")[0].strip(),
+        "compute_capability": f"{prop.major}.{prop.minor}",
+        "multiprocessors": int(prop.multiProcessorCount),
+        "total_memory_bytes": int(prop.totalGlobalMem),
+        "integrated": bool(prop.integrated),
+    }
+
+
+class _IOBuffer:
+    """Device memory and pinned host memory for one I/O tensor, grown on demand."""
+
+    def __init__(self, cudart, dtype) -> None:
+        self.cudart, self.dtype = cudart, np.dtype(dtype)
+        self.capacity, self.device, self.host_ptr, self.host = 0, 0, 0, None
+
+    def reserve(self, shape: tuple[int, ...]) -> np.ndarray:
+        count = int(np.prod(shape))
+        nbytes = max(count, 1) * self.dtype.itemsize
+        if nbytes > self.capacity:
+            self.free()
+            self.device = _cuda(self.cudart.cudaMalloc(nbytes))
+            self.host_ptr = _cuda(self.cudart.cudaMallocHost(nbytes))
+            self.capacity = nbytes
+            raw = (ctypes.c_byte * nbytes).from_address(self.host_ptr)
+            self.host = np.ctypeslib.as_array(raw).view(self.dtype)
+        return self.host[:count].reshape(shape)
+
+    def free(self) -> None:
+        if self.capacity:
+            self.cudart.cudaFree(self.device)
+            self.cudart.cudaFreeHost(self.host_ptr)
+        self.capacity, self.device, self.host_ptr, self.host = 0, 0, 0, None
+
+
+class TensorRTBackend:
+    """One engine, one execution context and one stream: audio [B, N] float32 -> named outputs."""
+
+    name = "trt"
+
+    def __init__(self, engine_path: Path, output_names: list[str], sample_rate: int, *, sidecar: dict | None = None,
+                 bundle: Path | None = None) -> None:
+        trt, cudart = require_tensorrt()
+        self._trt, self._cudart, self._stream, self._buffers = trt, cudart, None, {}
+        engine_path = Path(engine_path)
+        self._rebuild = rebuild_command(bundle or engine_path.parent.parent, sidecar)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise TensorRTUnavailable(f"TensorRT {trt.__version__} could not load {engine_path} (made by another "
+                                      f"TensorRT version or GPU?); rebuild with `{self._rebuild}`")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self._outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        missing = [n for n in output_names if n not in self._outputs]
+        if "audio" not in names or missing:
+            raise TensorRTUnavailable(f"{engine_path.name} does not have the bundle's I/O (input audio, outputs "
+                                      f"{output_names}; missing {missing}); rebuild with `{self._rebuild}`")
+        self.output_names = list(output_names)
+        low, opt, high = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape("audio", 0))
+        notes = tuple((sidecar or {}).get("profile", {}).get("notes", ()))
+        self.profile = Profile(int(sample_rate), low, opt, high, notes)
+        self._buffers = {n: _IOBuffer(cudart, trt.nptype(self.engine.get_tensor_dtype(n))) for n in names}
+        self._stream = _cuda(cudart.cudaStreamCreate())
+        gpu = (sidecar or {}).get("gpu") or gpu_identity(cudart)
+        precision = (sidecar or {}).get("precision", "unknown-precision")
+        self.description = (f"TensorRT {trt.__version__} {precision} engine {engine_path.name} on {gpu['name']} "
+                            f"(compute capability {gpu['compute_capability']}), {self.profile.describe()}")
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, manifest: dict, output_names: list[str]) -> TensorRTBackend:
+        """The bundle's engine for this GPU and TensorRT version; BackendUnavailable says why there is none."""
+        trt, cudart = require_tensorrt()
+        engine, sidecar = select_engine(Path(bundle), manifest, gpu_identity(cudart), trt.__version__)
+        return cls(engine, output_names, int(manifest["sample_rate"]), sidecar=sidecar, bundle=Path(bundle))
+
+    def run(self, audio: np.ndarray) -> dict[str, np.ndarray]:
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        if not self.profile.contains(audio.shape):
+            raise ValueError(f"audio of shape {list(audio.shape)} is outside this engine's profile "
+                             f"({self.profile.describe()}); pass smaller batches or shorter windows, or rebuild "
+                             f"with a wider profile (`{self._rebuild}` with other --max-batch / --max-seconds)")
+        cudart, stream, context = self._cudart, self._stream, self.context
+        context.set_input_shape("audio", audio.shape)
+        staged = self._buffers["audio"]
+        staged.reserve(audio.shape)[...] = audio
+        _cuda(cudart.cudaMemcpyAsync(staged.device, staged.host_ptr, audio.nbytes,
+                                     cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
+        context.set_tensor_address("audio", staged.device)
+        views = {}
+        for name in self._outputs:
+            views[name] = self._buffers[name].reserve(tuple(int(d) for d in context.get_tensor_shape(name)))
+            context.set_tensor_address(name, self._buffers[name].device)
+        if not context.execute_async_v3(_handle(stream)):
+            raise RuntimeError(f"TensorRT failed to run the engine on audio of shape {list(audio.shape)}")
+        for name in self._outputs:
+            _cuda(cudart.cudaMemcpyAsync(self._buffers[name].host_ptr, self._buffers[name].device,
+                                         views[name].nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
+        _cuda(cudart.cudaStreamSynchronize(stream))
+        return {name: views[name].astype(np.float32, copy=True) for name in self.output_names}
+
+    def layer_information(self, shape: tuple[int, int]) -> str:
+        """The engine inspector's JSON at `shape` (dynamic shapes report 'N/A' without a context)."""
+        self.context.set_input_shape("audio", tuple(shape))
+        inspector = self.engine.create_engine_inspector()
+        inspector.execution_context = self.context
+        return inspector.get_engine_information(self._trt.LayerInformationFormat.JSON)
+
+    def close(self) -> None:
+        self.context = None
+        self.engine = None
+        for buffer in self._buffers.values():
+            buffer.free()
+        if self._stream is not None:
+            self._cudart.cudaStreamDestroy(self._stream)
+            self._stream = None

@@ -1,0 +1,420 @@
+"""`edgeenc build` and the TensorRT backend without a GPU: profiles, sidecars, refusals, the CLI, and the whole
+build -> gate -> sidecar -> manifest -> backend path against a stand-in tensorrt whose "engine" is ONNX Runtime
+(so buffers, copies and shapes are exercised). GPU tests at the end skip cleanly without tensorrt and a GPU."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+import types
+from enum import IntEnum
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+from edgeenc.export import tensorrt as trt_build
+from edgeenc.export.bundle import read_manifest, verify_bundle
+from edgeenc.export.parity import rowwise_cosine
+from edgeenc.runtime import tensorrt_backend as trt_rt
+from edgeenc.runtime.backends import BackendUnavailable, select_backend
+
+BEATS = {"sample_rate": 16000, "min_samples": 2800, "window_seconds": 10.0, "architecture": "beats"}
+EAT = {"sample_rate": 16000, "min_samples": 400, "window_seconds": 10.0, "architecture": "eat",
+       "frontend": {"target_frames": 1024}}
+GPU = {"name": "Orin", "compute_capability": "8.7", "multiprocessors": 8}
+
+
+def test_profiles_from_defaults_options_and_the_sample_rate():
+    profile = trt_build.compute_profile(BEATS)
+    assert (profile.min_shape, profile.opt_shape, profile.max_shape) == ((1, 2800), (8, 160000), (8, 480000))
+    assert "batch 1-8, 0.175-30 s" in profile.describe()
+    assert profile.contains((3, 16000)) and not profile.contains((9, 16000)) and not profile.contains((1, 2799))
+    profile = trt_build.compute_profile(BEATS, max_batch=4, min_seconds=1, max_seconds=12, opt_seconds=5)
+    assert (profile.min_shape, profile.opt_shape, profile.max_shape) == ((1, 16000), (4, 80000), (4, 192000))
+    assert trt_build.compute_profile({**BEATS, "sample_rate": 32000, "window_seconds": 5.0}).opt_shape == (8, 160000)
+    assert trt_build.compute_profile(BEATS, max_seconds=5).opt_shape == (8, 80000)  # window clamped to the max
+    eat = trt_build.compute_profile(EAT)
+    assert eat.min_shape == (1, 400) and "164080 samples (10.255 s" in eat.notes[0] and "cropped" in eat.notes[0]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_seconds": 0.1}, "at least 2800 samples"),
+    ({"min_seconds": 5, "max_seconds": 2}, "below the minimum"),
+    ({"opt_seconds": 40}, "outside the profile"),
+    ({"max_batch": 0}, "at least 1"),
+])
+def test_impossible_profiles_are_refused_with_the_limit(options, message):
+    with pytest.raises(ValueError, match=message):
+        trt_build.compute_profile(BEATS, **options)
+
+
+def _sidecar(**changes) -> dict:
+    sidecar = {"engine": "e.engine", "precision": "fp16", "tensorrt_version": "10.3.0", "gpu": dict(GPU),
+               "parity": {"passed": True}, "profile": trt_build.compute_profile(BEATS).to_json()}
+    for key, value in changes.items():
+        sidecar["gpu"].update(value) if key == "gpu" else sidecar.__setitem__(key, value)
+    return sidecar
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"tensorrt_version": "8.6.2"}, "built with TensorRT 8.6.2, this machine has TensorRT 10.3.0"),
+    ({"gpu": {"compute_capability": "8.9"}}, "compute capability 8.9"),
+    ({"gpu": {"name": "NVIDIA A100"}}, "built on a NVIDIA A100"),
+    ({"gpu": {"multiprocessors": 16}}, "16 SMs, this one has 8"),
+    ({"parity": {"passed": False}}, "failed its parity gate"),
+])
+def test_sidecar_mismatches_say_why(changes, reason):
+    ok, why = trt_build.sidecar_matches(_sidecar(**changes), "Orin", "8.7", "10.3.0", multiprocessors=8)
+    assert not ok and reason in why
+    assert trt_build.sidecar_matches(_sidecar(), "Orin", "8.7", "10.3.0", multiprocessors=8)[0]
+
+
+def test_engine_names_and_the_refusal_message():
+    name = trt_build.engine_file_name("fp16", "NVIDIA GeForce RTX 4090", "8.9", "10.3.0")
+    assert name == "model.fp16.nvidia-geforce-rtx-4090.sm89.trt10.3.0.engine"
+    message = trt_build.refusal_message(Path("bundles/x"), ["a.engine: built with TensorRT 8.6.2"], "Orin", _sidecar())
+    assert "a.engine: built with TensorRT 8.6.2" in message
+    assert "`edgeenc build bundles/x --precision fp16 --max-batch 8 --max-seconds 30`" in message
+
+
+def _write_engine(bundle: Path, name: str, sidecar: dict) -> None:
+    (bundle / "engines").mkdir(parents=True, exist_ok=True)
+    (bundle / "engines" / name).write_bytes(b"plan")
+    sidecar = {**sidecar, "engine": name, "engine_bytes": 4, "source_onnx": "model.onnx", "source_onnx_sha256": "a1"}
+    (bundle / "engines" / name).with_suffix(".json").write_text(json.dumps(sidecar))
+
+
+def test_engine_selection_prefers_fp16_and_refuses_stale_or_foreign_engines(tmp_path):
+    manifest = {"files": {"model.onnx": {"sha256": "a1"}}}
+    with pytest.raises(BackendUnavailable, match=r"no engine in .*engines.*`edgeenc build"):
+        trt_rt.select_engine(tmp_path, manifest, GPU, "10.3.0")
+    _write_engine(tmp_path, "fp32.engine", _sidecar(precision="fp32", built_at="2026-01-02"))
+    _write_engine(tmp_path, "fp16.engine", _sidecar(built_at="2026-01-01"))
+    _write_engine(tmp_path, "old-trt.engine", _sidecar(tensorrt_version="8.6.2", built_at="2026-01-03"))
+    assert trt_rt.select_engine(tmp_path, manifest, GPU, "10.3.0")[0].name == "fp16.engine"
+    with pytest.raises(BackendUnavailable) as refused:
+        trt_rt.select_engine(tmp_path, {"files": {"model.onnx": {"sha256": "b2"}}}, GPU, "10.3.0")
+    assert "built from an earlier export of model.onnx" in str(refused.value)
+    assert "old-trt.engine: built with TensorRT 8.6.2" in str(refused.value)
+    assert "edgeenc build" in str(refused.value)
+
+
+def test_layer_summary_counts_precisions_and_flags_critical_layers():
+    def layer(name, out, inputs=()):
+        return {"Name": name, "Outputs": [{"Format/Datatype": out}], "Inputs": [{"Format/Datatype": i} for i in inputs]}
+
+    info = {"Layers": [layer("/encoder/layers.0/fc1/MatMul", "Row major linear FP16 format"),
+                       layer("/encoder/layers.0/final_layer_norm/LayerNormalization", "Row major linear FP32"),
+                       layer("/encoder/layers.0/self_attn/Softmax", "Half"),
+                       layer("shape", "N/A due to dynamic shapes", ["Int32"]), "(Unnamed Layer* 3) [Shuffle]"]}
+    summary = trt_build.layer_summary(json.dumps(info))
+    assert summary["by_precision"] == {"fp16": 2, "fp32": 1, "int": 1, "unknown": 1}
+    assert summary["critical_not_fp32"] == ["/encoder/layers.0/self_attn/Softmax"]
+
+
+# --- without tensorrt: the CLI and the backend fail at once, naming what to install -------------------------------
+
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, even where it is installed
+    monkeypatch.setattr(trt_rt, "import_cudart", lambda: None)
+
+
+def test_build_without_tensorrt_exits_2_naming_what_to_install(no_tensorrt, tmp_path):
+    from edgeenc.cli import app
+
+    result = CliRunner().invoke(app, ["build", str(tmp_path), "--precision", "fp16"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "pip install 'edgeenc[tensorrt]'" in text and "JetPack's TensorRT" in text
+    assert "--system-site-packages" in text and "pip install cuda-python" in text
+
+
+def test_backend_without_tensorrt_is_unavailable(no_tensorrt, tmp_path):
+    with pytest.raises(BackendUnavailable, match="tensorrt Python package is not installed"):
+        trt_rt.TensorRTBackend.from_bundle(tmp_path, {"sample_rate": 16000}, ["tokens"])
+    with pytest.raises(trt_build.TensorRTUnavailable, match="cuda-python"):
+        trt_build.build_engine(tmp_path)
+
+
+def test_tensorrt_modules_and_build_cli_never_import_torch(tmp_path):
+    script = f"""
+import sys
+sys.modules["torch"] = sys.modules["tensorrt"] = None  # import torch / tensorrt -> ImportError
+import edgeenc.runtime.tensorrt_backend, edgeenc.export.tensorrt
+from typer.testing import CliRunner
+from edgeenc.cli import app
+result = CliRunner().invoke(app, ["build", {str(tmp_path)!r}])
+assert result.exit_code == 2 and "tensorrt Python package is not installed" in result.output, result.output
+"""
+    subprocess.run([sys.executable, "-c", script], check=True)
+
+
+# --- a stand-in tensorrt + cuda runtime: the "engine" is the ONNX graph run by ONNX Runtime --------------------
+
+
+class FakeCudart:
+    """cudaMalloc & co. over host memory, so device pointers are real addresses."""
+
+    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
+
+    def __init__(self) -> None:
+        self.heap: dict[int, ctypes.Array] = {}
+        ok = (0,)
+        self.cudaGetDeviceCount = lambda: (0, 1)
+        self.cudaStreamCreate, self.cudaStreamDestroy, self.cudaStreamSynchronize = (lambda: (0, 77)), (
+            lambda s: ok), (lambda s: ok)
+        self.cudaMemcpyAsync = lambda dst, src, nbytes, kind, stream: (ctypes.memmove(dst, src, nbytes), ok)[1]
+        self.cudaFree = self.cudaFreeHost = lambda ptr: (self.heap.pop(ptr), ok)[1]
+        self.cudaGetDeviceProperties = lambda device: (0, types.SimpleNamespace(
+            name=b"Orin\x00", major=8, minor=7, multiProcessorCount=8, totalGlobalMem=8 << 30, integrated=1))
+
+    def cudaMalloc(self, nbytes):
+        block = ctypes.create_string_buffer(nbytes)
+        self.heap[ctypes.addressof(block)] = block
+        return 0, ctypes.addressof(block)
+
+    cudaMallocHost = cudaMalloc
+
+
+def fake_tensorrt(strongly_typed: bool = True, noise: float = 0.0) -> types.ModuleType:
+    """The tensorrt API edgeenc uses; a "plan" is a JSON header plus the ONNX graph, run by ONNX Runtime."""
+    ns = types.SimpleNamespace
+    trt = types.ModuleType("tensorrt")
+    trt.__version__, trt.float32, trt.float16, trt.nptype, trt.built = "10.3.0", "float32", "float16", np.dtype, {}
+    severity = IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
+    trt.ILogger = type("ILogger", (), {"Severity": severity, "__init__": lambda self, *a: None})
+    trt.Logger = type("Logger", (trt.ILogger,), {"WARNING": severity.WARNING})
+    trt.NetworkDefinitionCreationFlag = ns(EXPLICIT_BATCH=0, **({"STRONGLY_TYPED": 1} if strongly_typed else {}))
+    trt.BuilderFlag = ns(TF32="TF32", FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY")
+    trt.MemoryPoolType, trt.ProfilingVerbosity = ns(WORKSPACE="workspace"), ns(DETAILED="detailed")
+    trt.LayerType = ns(CONSTANT="Constant", SHAPE="Shape")
+    trt.TensorIOMode, trt.LayerInformationFormat = ns(INPUT="input", OUTPUT="output"), ns(JSON="json")
+
+    class Layer:
+        def __init__(self, node, dtypes):
+            self.name, self.type, self.precision, self.output_types = node.name, node.op_type, None, {}
+            self.outputs = [ns(name=o, is_execution_tensor=True, dtype="float32" if dtypes.get(o) == 1 else "int64")
+                            for o in node.output]
+            self.num_outputs, self.get_output = len(self.outputs), self.outputs.__getitem__
+
+        def set_output_type(self, i, dtype):
+            self.output_types[i] = dtype
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network, self.num_errors = network, 0
+
+        def parse_from_file(self, path):
+            model = onnx.load(path)
+            inferred = onnx.shape_inference.infer_shapes(model).graph
+            dtypes = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.output]}
+            layers = [Layer(n, dtypes) for n in model.graph.node]
+            self.network.__dict__.update(layers=layers, num_layers=len(layers), get_layer=layers.__getitem__,
+                                         onnx_bytes=model.SerializeToString())
+            return True
+
+    class Config:
+        def __init__(self):
+            self.flags, self.cleared, self.shapes, self.profiling_verbosity = set(), set(), None, None
+            self.set_memory_pool_limit = lambda pool, nbytes: None
+            self.set_flag, self.clear_flag = self.flags.add, self.cleared.add
+            self.create_timing_cache = lambda data: ns(serialize=lambda: data + b"+")
+
+        def add_optimization_profile(self, profile):
+            self.shapes = profile.shapes
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.get_timing_cache = lambda: cache
+            return True
+
+    class Builder:
+        def __init__(self, logger):
+            self.create_network, self.create_builder_config = (lambda flags: ns(flags=flags, layers=[])), Config
+
+        def create_optimization_profile(self):
+            profile = ns(shapes=None)
+            profile.set_shape = lambda name, lo, opt, hi: setattr(profile, "shapes", [list(lo), list(opt), list(hi)])
+            return profile
+
+        def build_serialized_network(self, network, config):
+            trt.built = {"flags": config.flags, "cleared": config.cleared, "network_flags": network.flags,
+                         "pinned": [layer.name for layer in network.layers if layer.precision == "float32"]}
+            return json.dumps({"shapes": config.shapes, "noise": noise}).encode() + b"\n" + network.onnx_bytes
+
+    class Engine:
+        def __init__(self, data):
+            header, model = data.split(b"\n", 1)
+            self.meta = json.loads(header)
+            self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+            self.names = ["audio"] + [o.name for o in self.session.get_outputs()]
+            self.num_io_tensors, self.get_tensor_name = len(self.names), self.names.__getitem__
+            self.get_tensor_mode = lambda name: "input" if name == "audio" else "output"
+            self.get_tensor_dtype = lambda name: "float32"
+            self.get_tensor_profile_shape = lambda name, index: self.meta["shapes"]
+            self.create_execution_context = lambda: Context(self)
+            layers = [{"Name": name, "Outputs": [{"Format/Datatype": "Float"}]} for name in self.names[1:]]
+            self.create_engine_inspector = lambda: ns(get_engine_information=lambda fmt: json.dumps({"Layers": layers}))
+
+    class Context:
+        def __init__(self, engine):
+            self.engine, self.addresses, self.shape = engine, {}, None
+            self.set_tensor_address = self.addresses.__setitem__
+            self.get_tensor_shape = lambda name: self.outputs[name].shape
+
+        def _run(self, audio):
+            return dict(zip(self.engine.names[1:], self.engine.session.run(self.engine.names[1:], {"audio": audio})))
+
+        def set_input_shape(self, name, shape):
+            self.shape = tuple(shape)
+            self.outputs = self._run(np.zeros(self.shape, np.float32))
+
+        def execute_async_v3(self, stream):
+            audio = (ctypes.c_float * int(np.prod(self.shape))).from_address(self.addresses["audio"])
+            for name, value in self._run(np.ctypeslib.as_array(audio).reshape(self.shape).copy()).items():
+                value = np.ascontiguousarray(value + self.engine.meta["noise"], dtype=np.float32)
+                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+            return True
+
+    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, lambda logger: ns(deserialize_cuda_engine=Engine)
+    return trt
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory) -> Path:
+    from edgeenc.export.pipeline import export_bundle
+    from edgeenc.models.checkpoints import load_model
+
+    loaded = load_model("esp_aves2_sl_beats_all", random_init=True, embed_dim=64, depth=2, heads=4, ffn_dim=128,
+                        patch_dim=32, conv_pos=16, conv_pos_groups=4)
+    out = tmp_path_factory.mktemp("tiny-beats") / "bundle"
+    assert export_bundle(loaded, out, fp16=True).passed
+    return out
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tiny_bundle, tmp_path):
+    """A copy of the tiny bundle and a function installing a stand-in tensorrt on a stand-in GPU."""
+    import shutil
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    cudart = FakeCudart()
+    monkeypatch.setattr(trt_rt, "import_cudart", lambda: cudart)
+
+    def install(**options):
+        trt = fake_tensorrt(**options)
+        monkeypatch.setitem(sys.modules, "tensorrt", trt)
+        return trt
+
+    return bundle, cudart, install
+
+
+def test_fp16_build_is_gated_recorded_and_selected_by_the_runtime(fake_gpu):
+    bundle, cudart, install = fake_gpu
+    trt = install()
+    profile = trt_build.compute_profile(read_manifest(bundle), max_batch=3, max_seconds=12)
+    result = trt_build.build_engine(bundle, precision="fp16", profile=profile)
+    assert result.accepted and result.engine.name == "model.fp16.orin.sm87.trt10.3.0.engine"
+    assert trt.built["network_flags"] == 1 << 1 and "TF32" in trt.built["cleared"] and not trt.built["flags"]
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["source_onnx"] == "model.fp16.onnx" and sidecar["typing"] == "strong"
+    assert sidecar["gpu"]["name"] == "Orin" and sidecar["profile"]["max"] == [3, 192000]
+    assert sidecar["parity"]["passed"] and sidecar["parity"]["report"]["variant"] == "tensorrt-fp16"
+    assert any("trimmed to the profile" in n for n in sidecar["parity"]["report"]["notes"])  # 30 s -> 12 s
+    assert (bundle / "engines" / "timing.orin.sm87.trt10.3.0.cache").read_bytes() == b"+"
+    manifest = read_manifest(bundle)
+    assert f"engines/{result.engine.name}" in manifest["files"] and result.engine.name in manifest["engines"]
+    assert verify_bundle(bundle) == []
+
+    backend, notes = select_backend(bundle, manifest, ["tokens", "embedding", "logits"], device="auto")
+    assert backend.name == "trt" and "TensorRT 10.3.0 fp16 engine" in notes[-1]
+    session = ort.InferenceSession(str(bundle / "model.fp16.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(1, 16000), (3, 48000), (2, 8000)]:  # grows, then reuses the buffers
+        audio = (np.random.default_rng(len(shape)).standard_normal(shape) * 0.1).astype(np.float32)
+        got = backend.run(audio)
+        expected = session.run(["tokens"], {"audio": audio})[0]
+        assert got["tokens"].shape == expected.shape and rowwise_cosine(got["tokens"], expected).min() > 0.99999
+    with pytest.raises(ValueError, match=r"outside this engine's profile \(batch 1-3, 0.175-12 s"):
+        backend.run(np.zeros((4, 16000), np.float32))
+    backend.close()
+    assert cudart.heap == {}
+
+
+def test_weak_typing_pins_the_fp32_plan_on_tensorrt_8_6(fake_gpu):
+    bundle, _, install = fake_gpu
+    trt = install(strongly_typed=False)
+    result = trt_build.build_engine(bundle, precision="fp16")
+    assert result.accepted and result.data["typing"] == "weak" and result.data["source_onnx"] == "model.onnx"
+    assert {"FP16", "OBEY"} <= trt.built["flags"] and "TF32" in trt.built["cleared"]
+    pinned = set(trt.built["pinned"])
+    assert "/encoder/layers.0/final_layer_norm/LayerNormalization" in pinned
+    assert "/encoder/layers.0/self_attn/Softmax" in pinned and "/ReduceMean" in pinned
+    assert any(name.startswith("/fbank/") for name in pinned)
+    assert "/encoder/layers.0/fc1/MatMul" not in pinned and "/patch_embedding/proj/Conv" not in pinned
+
+
+def test_an_engine_that_fails_parity_is_kept_aside_and_refused(fake_gpu):
+    bundle, _, install = fake_gpu
+    install(noise=0.5)
+    before = read_manifest(bundle)
+    result = trt_build.build_engine(bundle, precision="fp32")
+    assert not result.accepted and result.engine.name.endswith(".rejected.engine") and result.engine.is_file()
+    assert read_manifest(bundle)["files"] == before["files"]
+    with pytest.raises(BackendUnavailable, match=r"failed its parity gate.*`edgeenc build .* --precision fp32"):
+        trt_rt.TensorRTBackend.from_bundle(bundle, before, ["tokens"])
+
+
+def test_engine_from_another_tensorrt_version_is_refused_with_the_rebuild_command(fake_gpu, monkeypatch):
+    bundle, _, install = fake_gpu
+    trt = install()
+    assert trt_build.build_engine(bundle, precision="fp16").accepted
+    trt.__version__ = "10.7.0"
+    with pytest.raises(BackendUnavailable) as refused:
+        trt_rt.TensorRTBackend.from_bundle(bundle, read_manifest(bundle), ["tokens"])
+    assert "built with TensorRT 10.3.0, this machine has TensorRT 10.7.0" in str(refused.value)
+    assert f"edgeenc build {bundle} --precision fp16" in str(refused.value)
+
+
+@pytest.mark.parametrize("noise, exit_code", [(0.0, 0), (0.5, 3)])
+def test_build_cli_prints_layers_and_parity_and_exits_3_on_a_failed_gate(fake_gpu, noise, exit_code):
+    from edgeenc.cli import app
+
+    bundle, _, install = fake_gpu
+    install(noise=noise)
+    result = CliRunner().invoke(app, ["build", str(bundle), "--max-batch", "2", "--max-seconds", "11"])
+    assert result.exit_code == exit_code, result.output
+    assert "layers: 3 (fp32 3)" in result.output and "parity fp16 engine vs ONNX Runtime fp32" in result.output
+    verdict = "FAIL" if noise else "PASS"
+    assert f"parity fp16 engine vs ONNX Runtime fp32: {verdict}" in result.output
+    assert (".rejected.engine" in result.output) == bool(noise)
+
+
+# --- on a real GPU -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_real_engine_matches_onnxruntime(tiny_bundle, tmp_path, precision):
+    import shutil
+
+    pytest.importorskip("tensorrt")
+    try:
+        trt_rt.require_tensorrt()
+    except trt_rt.TensorRTUnavailable as exc:
+        pytest.skip(str(exc))
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
+    profile = trt_build.compute_profile(read_manifest(bundle), max_batch=3)
+    result = trt_build.build_engine(bundle, precision=precision, profile=profile)
+    assert result.accepted, result.data["parity"]
+    backend = trt_rt.TensorRTBackend.from_bundle(bundle, read_manifest(bundle), ["tokens", "embedding", "logits"])
+    audio = (np.random.default_rng(0).standard_normal((2, 48000)) * 0.1).astype(np.float32)
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert rowwise_cosine(backend.run(audio)["tokens"], session.run(["tokens"], {"audio": audio})[0]).min() >= 0.999
+    backend.close()
