@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -14,23 +13,9 @@ from torch import nn
 from edgeenc import __version__
 from edgeenc.models.checkpoints import LoadedModel
 
+from .specs import EXPORT_SPECS
+
 DEFAULT_OPSET = 17  # first opset with LayerNormalization (TensorRT's INormalizationLayer)
-
-
-@dataclass(frozen=True)
-class ExportSpec:
-    """Per-architecture I/O, dynamic axes and parity lengths (seconds of audio)."""
-
-    arch: str
-    parity_seconds: tuple[float, ...]
-    batch3_seconds: tuple[float, ...]  # lengths also checked at batch 3
-    trace_seconds: float
-
-
-EXPORT_SPECS = {
-    "beats": ExportSpec("beats", (1.0, 3.3, 10.0, 30.0), (1.0, 3.3, 10.0), trace_seconds=3.3),
-    "eat": ExportSpec("eat", (4.0, 10.0, 14.0), (4.0, 10.0), trace_seconds=4.0),
-}
 
 
 class OnnxGraph(nn.Module):

@@ -8,17 +8,19 @@ cosine) and on mean-centred embeddings, never on raw embedding cosine alone.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from edgeenc.models.checkpoints import LoadedModel
+from .specs import EXPORT_SPECS
 
-from .onnx_export import EXPORT_SPECS, OnnxGraph
+if TYPE_CHECKING:  # torch only where PyTorch runs: the engine gate of `edgeenc build` needs none
+    import torch
+
+    from edgeenc.models.checkpoints import LoadedModel
 
 FP32_MAX_ABS = 2e-3
 FP32_COSINE_GAP = 1e-5  # 1 - cosine
@@ -96,10 +98,9 @@ def reference_audio(sample_rate: int) -> np.ndarray:
     return audio.astype(np.float32)
 
 
-def parity_cases(loaded: LoadedModel) -> list[ParityCase]:
+def parity_cases(arch: str, rate: int) -> list[ParityCase]:
     """Lengths of the architecture's export spec at batch 1 and 3, plus the whole real recording."""
-    spec = EXPORT_SPECS[loaded.spec.arch]
-    rate = loaded.spec.sample_rate
+    spec = EXPORT_SPECS[arch]
     real = reference_audio(rate)
     # Longer cases tile the recording at different gains so no window is silence or a copy.
     gains = (1.0, 0.5, 2.0, 0.25)
@@ -120,6 +121,8 @@ def parity_cases(loaded: LoadedModel) -> list[ParityCase]:
 
 
 def torch_outputs(graph: torch.nn.Module, audio: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
+    import torch
+
     dtype = next(graph.parameters()).dtype
     with torch.no_grad():
         outs = graph(torch.from_numpy(audio).to(dtype))
@@ -145,6 +148,10 @@ def run_fp32_gate(
 
     Returns the report and the PyTorch fp32 outputs per case (reference for reduced precision).
     """
+    import copy
+
+    from .onnx_export import OnnxGraph
+
     graph32 = OnnxGraph(loaded.module.float().eval())
     graph64 = OnnxGraph(copy.deepcopy(loaded.module).double().eval())
     report = ParityReport(variant="fp32", passed=True)

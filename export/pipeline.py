@@ -83,7 +83,7 @@ def export_bundle(
     say(f"exporting {spec.model_id} to ONNX (opset {opset})")
     model = export_onnx(loaded, out / "model.onnx", opset=opset)
     ops = op_report(model)
-    cases = parity_cases(loaded)
+    cases = parity_cases(spec.arch, spec.sample_rate)
     say(f"checking parity of model.onnx against PyTorch ({len(cases)} cases)")
     fp32_report, references = run_fp32_gate(loaded, ort_runner(out / "model.onnx", names), names, cases, progress=say)
     reports = [fp32_report]

@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 from edgeenc import __version__
 from edgeenc.runtime.tensorrt_backend import (  # noqa: F401  (re-exported: the rules engines are judged by)
@@ -168,9 +167,7 @@ def engine_parity(bundle: Path, manifest: dict, run_engine: Callable, precision:
     from . import parity
 
     names = [o["name"] for o in manifest["outputs"]]
-    # parity_cases reads only loaded.spec.arch and loaded.spec.sample_rate, which the manifest has.
-    spec = SimpleNamespace(arch=manifest["architecture"], sample_rate=int(manifest["sample_rate"]))
-    cases, notes = fit_cases(parity.parity_cases(SimpleNamespace(spec=spec)), profile)
+    cases, notes = fit_cases(parity.parity_cases(manifest["architecture"], int(manifest["sample_rate"])), profile)
     if not cases:
         raise ValueError(f"no parity case fits the profile ({profile.describe()})")
     reference = OrtBackend(Path(bundle) / "model.onnx", names, provider="CPUExecutionProvider")
@@ -342,11 +339,6 @@ def build_engine(bundle: Path, *, precision: str = "fp16", profile: Profile | No
     from edgeenc.runtime import tensorrt_backend as trt_rt
 
     trt, cudart = trt_rt.require_tensorrt()
-    try:
-        from . import parity  # noqa: F401  (the gate after the build; fail before a long build, not after)
-    except ImportError as exc:
-        raise TensorRTUnavailable(f"the parity gate of `edgeenc build` needs {exc.name}, which is not installed: "
-                                  "pip install 'edgeenc[export]' (a CPU build of torch is enough)") from exc
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     say = progress or (lambda _msg: None)

@@ -68,6 +68,13 @@ import edgeenc.runtime.windows
 import edgeenc.runtime.writers
 import edgeenc.export.bundle
 import edgeenc.cli
+import edgeenc.runtime.tensorrt_backend
+import edgeenc.runtime.store
+import edgeenc.runtime.watch
+# `edgeenc build` runs on a Jetson without torch: its engine gate and parity cases must not need it.
+import edgeenc.export.tensorrt
+import edgeenc.export.parity
+assert edgeenc.export.parity.parity_cases("beats", 16000)
 """
 
 
