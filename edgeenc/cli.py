@@ -155,13 +155,13 @@ def expand_audio(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _open_encoder(bundle: Path, device: str, threads: int | None):
+def _open_encoder(bundle: Path, device: str, threads: int | None, variant: str | None = None):
     from edgeenc.export.bundle import BundleError
     from edgeenc.runtime.backends import BackendUnavailable
     from edgeenc.runtime.encoder import Encoder
 
     try:
-        encoder = Encoder.load(bundle, device, threads=threads)
+        encoder = Encoder.load(bundle, device, threads=threads, variant=variant)
     except (BundleError, BackendUnavailable, ValueError) as exc:
         err(str(exc))
         raise typer.Exit(2) from None
@@ -220,6 +220,7 @@ def embed(
     batch: int = typer.Option(8, help="windows per inference batch"),
     channel: int | None = typer.Option(None, help="use this channel (0-based) instead of the mean"),
     threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
+    variant: str | None = typer.Option(None, help="a gated CPU variant, e.g. int8dyn (see `edgeenc info`)"),
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
@@ -230,7 +231,7 @@ def embed(
     if not files:
         err("no audio files found in " + ", ".join(map(str, audio)))
         raise typer.Exit(2)
-    encoder = _open_encoder(bundle, device, threads)
+    encoder = _open_encoder(bundle, device, threads, variant)
     options = {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
     names, starts, ends, embeddings = [], [], [], []
     done = failed = 0
@@ -273,6 +274,7 @@ def classify(
     batch: int = typer.Option(8, help="windows per inference batch"),
     channel: int | None = typer.Option(None, help="use this channel (0-based) instead of the mean"),
     threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
+    variant: str | None = typer.Option(None, help="a gated CPU variant, e.g. int8dyn (see `edgeenc info`)"),
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
@@ -282,7 +284,7 @@ def classify(
     if not files:
         err("no audio files found in " + ", ".join(map(str, audio)))
         raise typer.Exit(2)
-    encoder = _open_encoder(bundle, device, threads)
+    encoder = _open_encoder(bundle, device, threads, variant)
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)

@@ -37,6 +37,10 @@ def write_json_atomic(path: Path, data: object) -> None:
         with os.fdopen(fd, "w") as fh:
             json.dump(data, fh, indent=1, sort_keys=False)
             fh.write("\n")
+        # mkstemp makes 0600 files; a bundle must be readable by the service user that runs it.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -73,10 +73,27 @@ class OrtBackend:
         self.session = None
 
 
-def cpu_model(bundle: Path, manifest: dict) -> Path:
-    """model.cpu.onnx (ONNX Runtime-optimised) when the bundle has one that passed, else model.onnx."""
-    variant = manifest.get("variants", {}).get("model.cpu.onnx")
-    if variant and variant.get("parity") and (bundle / "model.cpu.onnx").is_file():
+def cpu_model(bundle: Path, manifest: dict, variant: str | None = None) -> Path:
+    """The ONNX file for ONNX Runtime: `variant` (e.g. "int8dyn" -> model.int8dyn.onnx) when asked for,
+    else model.cpu.onnx (ONNX Runtime-optimised fp32) when it passed, else model.onnx.
+
+    Only variants that passed their quality gate at export/optimize time are offered.
+    """
+    variants = manifest.get("variants") or {}
+    if variant:
+        name = "model.onnx" if variant == "fp32" else f"model.{variant}.onnx"
+        entry = variants.get(name)
+        offered = sorted(k[len("model.") : -len(".onnx")] for k, v in variants.items()
+                         if v.get("parity") and k != "model.onnx" and (bundle / k).is_file())
+        if name != "model.onnx" and (not entry or not entry.get("parity") or not (bundle / name).is_file()):
+            why = "did not pass its quality gate" if entry and not entry.get("parity") else "is not in this bundle"
+            raise BackendUnavailable(
+                f"variant {variant!r} ({name}) {why}; offered: fp32{''.join(', ' + v for v in offered)} "
+                f"(`edgeenc optimize {bundle}` writes the CPU variants)"
+            )
+        return bundle / name
+    entry = variants.get("model.cpu.onnx")
+    if entry and entry.get("parity") and (bundle / "model.cpu.onnx").is_file():
         return bundle / "model.cpu.onnx"
     return bundle / "model.onnx"
 
@@ -103,7 +120,12 @@ def _try_cuda(bundle: Path, output_names: list[str]) -> Backend:
 
 
 def select_backend(
-    bundle: Path, manifest: dict, output_names: list[str], device: str = "auto", threads: int | None = None
+    bundle: Path,
+    manifest: dict,
+    output_names: list[str],
+    device: str = "auto",
+    threads: int | None = None,
+    variant: str | None = None,
 ) -> tuple[Backend, list[str]]:
     """The backend to run and a log of why others were skipped. Explicit devices never fall back."""
     if device not in DEVICES:
@@ -113,10 +135,15 @@ def select_backend(
     attempts = {
         "trt": lambda: _try_trt(bundle, manifest, output_names),
         "cuda": lambda: _try_cuda(bundle, output_names),
-        "cpu": lambda: OrtBackend(cpu_model(bundle, manifest), output_names, provider="CPUExecutionProvider",
-                                  threads=threads),
+        "cpu": lambda: OrtBackend(cpu_model(bundle, manifest, variant), output_names,
+                                  provider="CPUExecutionProvider", threads=threads),
     }
     order = ["trt", "cuda", "cpu"] if device == "auto" else [device]
+    if variant and variant != "fp32":
+        # Reduced-precision ONNX variants are CPU (ONNX Runtime) files; engines carry their own precision.
+        if device not in ("auto", "cpu"):
+            raise BackendUnavailable(f"variant {variant!r} runs on --device cpu only")
+        order = ["cpu"]
     notes: list[str] = []
     for name in order:
         try:

@@ -107,9 +107,18 @@ class Encoder:
 
     @classmethod
     def load(
-        cls, bundle_dir: str | os.PathLike, device: str = "auto", *, threads: int | None = None, verify: bool = True
+        cls,
+        bundle_dir: str | os.PathLike,
+        device: str = "auto",
+        *,
+        threads: int | None = None,
+        verify: bool = True,
+        variant: str | None = None,
     ) -> Encoder:
-        """Open a bundle folder (or a bare model.onnx with edgeenc metadata)."""
+        """Open a bundle folder (or a bare model.onnx with edgeenc metadata).
+
+        `variant` picks a gated reduced-precision CPU file, e.g. "int8dyn" for model.int8dyn.onnx.
+        """
         path = Path(bundle_dir)
         if path.is_file() and path.suffix == ".onnx":
             manifest, bundle = _manifest_from_onnx(path), path.parent
@@ -127,7 +136,7 @@ class Encoder:
             if labels is None:
                 labels = [f"class_{i}" for i in range(int(manifest["num_classes"]))]
         names = [o["name"] for o in manifest["outputs"] if o["name"] in ("embedding", "logits")]
-        backend, log = select_backend(bundle, manifest, names, device, threads)
+        backend, log = select_backend(bundle, manifest, names, device, threads, variant)
         return cls(bundle, manifest, backend, labels, log)
 
     @property

@@ -10,18 +10,10 @@ from typer.testing import CliRunner
 
 from edgeenc.cli import app
 
-TINY = dict(embed_dim=64, depth=2, heads=4, ffn_dim=128, patch_dim=32, conv_pos=16, conv_pos_groups=4)
-
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    from edgeenc.export.pipeline import export_bundle
-    from edgeenc.models.checkpoints import load_model
-
-    loaded = load_model("esp_aves2_naturelm_audio_v1_beats", random_init=True, **TINY)
-    out = tmp_path_factory.mktemp("tiny") / "bundle"
-    assert export_bundle(loaded, out).passed
-    return out
+def tiny_bundle(tiny_beats_bundle):
+    return tiny_beats_bundle[0]
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +79,23 @@ def test_optimize_writes_preferred_cpu_model(optimized):
     assert verify_bundle(optimized) == []
     encoder = Encoder.load(optimized, "cpu")
     assert "model.cpu.onnx" in encoder.backend.description
+
+
+def test_runtime_offers_only_gated_variants(optimized):
+    from edgeenc.export.bundle import read_manifest
+    from edgeenc.runtime.backends import BackendUnavailable
+    from edgeenc.runtime.encoder import Encoder
+
+    manifest = read_manifest(optimized)
+    passed = [k for k, v in manifest["variants"].items() if v.get("parity") and "int8" in k]
+    for name in passed:
+        variant = name[len("model.") : -len(".onnx")]
+        encoder = Encoder.load(optimized, "auto", variant=variant)
+        assert name in encoder.backend.description
+    with pytest.raises(BackendUnavailable, match="bf16.*did not pass its quality gate"):
+        Encoder.load(optimized, "cpu", variant="bf16")
+    with pytest.raises(BackendUnavailable, match="not in this bundle"):
+        Encoder.load(optimized, "cpu", variant="int4")
+    with pytest.raises(BackendUnavailable, match="cpu only"):
+        Encoder.load(optimized, "cuda", variant="int8dyn")
+    assert "model.onnx" in Encoder.load(optimized, "cpu", variant="fp32").backend.description
