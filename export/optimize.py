@@ -33,27 +33,13 @@ from .parity import (
     LOWP_TOKEN_COSINE,
     ParityCase,
     error_stats,
+    ort_runner,
     reference_audio,
     run_reduced_gate,
 )
 
 Progress = Callable[[str], None]
 WEIGHT_OPS = ("MatMul", "Gemm")
-
-
-def ort_runner(path: Path, names: list[str], threads: int | None = None):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(audio: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {"audio": np.ascontiguousarray(audio, dtype=np.float32)})))
-
-    return run
 
 
 def optimize_cases(sample_rate: int, window_seconds: float, *, quick: bool = False) -> list[ParityCase]:

@@ -120,6 +120,13 @@ def parity_cases(arch: str, rate: int) -> list[ParityCase]:
     return cases
 
 
+def ort_runner(path, names: list[str], threads: int | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """The candidate the gates judge: the runtime's own ONNX Runtime CPU backend on `path`."""
+    from edgeenc.runtime.backends import OrtBackend
+
+    return OrtBackend(path, names, provider="CPUExecutionProvider", threads=threads).run
+
+
 def torch_outputs(graph: torch.nn.Module, audio: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
     import torch
 

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
 
@@ -18,7 +17,7 @@ from edgeenc.models.checkpoints import LoadedModel
 from . import bundle as bundle_io
 from .onnx_export import DEFAULT_OPSET, export_onnx, output_names
 from .opcheck import op_report
-from .parity import FP16_TOKEN_COSINE, ParityReport, parity_cases, run_fp32_gate, run_reduced_gate
+from .parity import FP16_TOKEN_COSINE, ParityReport, ort_runner, parity_cases, run_fp32_gate, run_reduced_gate
 
 Progress = Callable[[str], None]
 
@@ -32,20 +31,6 @@ class ExportResult:
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.reports)
-
-
-def ort_runner(path: Path, names: list[str], threads: int | None = None) -> Callable[[np.ndarray], dict]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def run(audio: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(names, session.run(names, {"audio": np.ascontiguousarray(audio, dtype=np.float32)})))
-
-    return run
 
 
 def io_description(loaded: LoadedModel) -> tuple[list[dict], list[dict]]:

@@ -9,7 +9,6 @@ AudioSet ``predictor``, stored filterbank buffers, fairseq pretraining decoders)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -19,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from edgeenc.export.bundle import sha256_file
 
 from .frontend import mel_matrix, window_function
 from .registry import ModelSpec, build_model, get_spec
@@ -61,14 +62,6 @@ class LoadedModel:
     @property
     def random_init(self) -> bool:
         return self.checkpoint_sha256 is None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_tensors(path: Path, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
