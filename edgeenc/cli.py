@@ -202,10 +202,39 @@ def _run_files(encoder, files: list[Path], options: dict):
         bar.close()
 
 
-def _summary(done: int, failed: int, out: Path) -> None:
+def _audio_files(audio: list[Path]) -> list[Path]:
+    files = expand_audio(audio)
+    if not files:
+        err("no audio files found in " + ", ".join(map(str, audio)))
+        raise typer.Exit(2)
+    return files
+
+
+def _results(encoder, files: list[Path], options: dict, out: Path):
+    """Results of every readable file in order, resuming from `OUT.parts/`; returns (results, failed, parts)."""
+    from edgeenc.runtime.resume import PartFolder
+
+    parts = PartFolder(out, encoder.metadata)
+    saved = {str(f): parts.load(f) for f in files}
+    todo = [f for f in files if saved[str(f)] is None]
+    if len(todo) < len(files):
+        note(f"resuming: {len(files) - len(todo)} file(s) already done in {parts.folder}")
+    failed = 0
+    for outcome in _run_files(encoder, todo, options):
+        if outcome.error:
+            failed += 1
+            continue
+        parts.save(outcome.result)
+        saved[outcome.path] = outcome.result
+    return [saved[str(f)] for f in files if saved[str(f)] is not None], failed, parts
+
+
+def _summary(done: int, failed: int, out: Path, parts) -> None:
     note(f"{done} file(s) done, {failed} failed; wrote {out}")
     if failed:
+        note(f"finished files are kept in {parts.folder}: fix or remove the failed ones and run again to resume")
         raise typer.Exit(EXIT_SOME_FILES_FAILED)
+    parts.remove()
 
 
 @app.command()
@@ -227,36 +256,24 @@ def embed(
 
     from edgeenc.runtime.writers import WriterError, write_embeddings
 
-    files = expand_audio(audio)
-    if not files:
-        err("no audio files found in " + ", ".join(map(str, audio)))
-        raise typer.Exit(2)
+    files = _audio_files(audio)
     encoder = _open_encoder(bundle, device, threads, variant)
     options = {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
-    names, starts, ends, embeddings = [], [], [], []
-    done = failed = 0
-    for outcome in _run_files(encoder, files, options):
-        if outcome.error:
-            failed += 1
-            continue
-        done += 1
-        result = outcome.result
-        names += [outcome.path] * len(result)
-        starts.append(result.starts)
-        ends.append(result.ends)
-        embeddings.append(result.embeddings)
+    results, failed, parts = _results(encoder, files, options, out)
     dim = encoder.embedding_dim
     try:
         write_embeddings(
-            out, names,
-            np.concatenate(starts) if starts else np.zeros(0), np.concatenate(ends) if ends else np.zeros(0),
-            np.concatenate(embeddings) if embeddings else np.zeros((0, dim), np.float32),
+            out,
+            [r.file for r in results for _ in range(len(r))],
+            np.concatenate([r.starts for r in results]) if results else np.zeros(0),
+            np.concatenate([r.ends for r in results]) if results else np.zeros(0),
+            np.concatenate([r.embeddings for r in results]) if results else np.zeros((0, dim), np.float32),
             {**encoder.metadata, "files_failed": str(failed)},
         )
     except WriterError as exc:
         err(str(exc))
         raise typer.Exit(2) from None
-    _summary(done, failed, out)
+    _summary(len(results), failed, out, parts)
 
 
 @app.command()
@@ -280,31 +297,23 @@ def classify(
     from edgeenc.runtime.encoder import top_k_rows
     from edgeenc.runtime.writers import WriterError, write_classifications
 
-    files = expand_audio(audio)
-    if not files:
-        err("no audio files found in " + ", ".join(map(str, audio)))
-        raise typer.Exit(2)
+    files = _audio_files(audio)
     encoder = _open_encoder(bundle, device, threads, variant)
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)
     options = {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
-    rows, durations = [], {}
-    done = failed = 0
-    for outcome in _run_files(encoder, files, options):
-        if outcome.error:
-            failed += 1
-            continue
-        done += 1
-        durations[outcome.path] = outcome.audio_seconds
-        rows += top_k_rows(outcome.result, encoder.labels, top_k=top_k, threshold=threshold, activation=activation)
+    results, failed, parts = _results(encoder, files, options, out)
+    rows = [row for r in results
+            for row in top_k_rows(r, encoder.labels, top_k=top_k, threshold=threshold, activation=activation)]
+    durations = {r.file: float(r.ends.max()) for r in results if len(r)}
     try:
         write_classifications(out, rows, metadata={**encoder.metadata, "activation": activation},
                               sample_rate=encoder.sample_rate, file_durations=durations)
     except (WriterError, ValueError) as exc:
         err(str(exc))
         raise typer.Exit(2) from None
-    _summary(done, failed, out)
+    _summary(len(results), failed, out, parts)
 
 
 DEFAULT_MODEL = "esp_aves2_sl_eat_all_ssl_all"

@@ -250,3 +250,53 @@ def test_tampered_bundle(tiny_beats_bundle, birds_wav, tmp_path):
     result = cli("embed", bundle, birds_wav, "-o", tmp_path / "emb.npz")
     assert result.exit_code == 2
     assert "model.onnx" in result.stderr and "changed since export" in result.stderr
+
+
+# --- resuming an interrupted or partly failed run -------------------------------------------------
+
+
+def test_embed_resumes_from_parts_and_cleans_up(tiny_eat_bundle, birds_wav, tmp_path):
+    import soundfile as sf
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    samples, rate = sf.read(birds_wav, dtype="float32")
+    for i in range(2):
+        sf.write(inbox / f"good{i}.wav", samples[: (3 + i) * rate], rate)
+    (inbox / "bad.wav").write_bytes(b"not audio at all")
+    out = tmp_path / "emb.npz"
+    first = cli("embed", tiny_eat_bundle[0], inbox, "-o", out, "--device", "cpu")
+    assert first.exit_code == EXIT_SOME_FILES_FAILED, first.output
+    parts = tmp_path / "emb.npz.parts"
+    assert len(list(parts.glob("*.npz"))) == 2  # the finished files survive the failure
+    assert "run again to resume" in first.stderr
+    sf.write(inbox / "bad.wav", samples[: 2 * rate], rate)  # the user repairs the file
+    second = cli("embed", tiny_eat_bundle[0], inbox, "-o", out, "--device", "cpu")
+    assert second.exit_code == 0, second.output
+    assert "resuming: 2 file(s) already done" in second.stderr
+    assert not parts.exists()
+    data = load_npz(out)
+    assert sorted(set(data["file"])) == sorted(str(p) for p in inbox.glob("*.wav"))
+    fresh = tmp_path / "fresh.npz"
+    assert cli("embed", tiny_eat_bundle[0], inbox, "-o", fresh, "--device", "cpu").exit_code == 0
+    np.testing.assert_allclose(data["embeddings"], load_npz(fresh)["embeddings"], atol=1e-5)
+
+
+def test_a_changed_file_is_not_resumed_from_a_stale_part(tiny_eat_bundle, birds_wav, tmp_path):
+    import os
+
+    import soundfile as sf
+
+    from edgeenc.runtime.encoder import Encoder
+    from edgeenc.runtime.resume import PartFolder
+
+    samples, rate = sf.read(birds_wav, dtype="float32")
+    wav = tmp_path / "a.wav"
+    sf.write(wav, samples[: 3 * rate], rate)
+    encoder = Encoder.load(tiny_eat_bundle[0], "cpu")
+    parts = PartFolder(tmp_path / "out.npz", encoder.metadata)
+    parts.save(encoder.embed_file(wav))
+    assert parts.load(wav) is not None
+    sf.write(wav, samples[: 4 * rate], rate)
+    os.utime(wav, ns=(1, 1))
+    assert parts.load(wav) is None
