@@ -129,6 +129,19 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     for variant, summary in manifest.get("parity", {}).items():
         typer.echo(f"{'parity ' + variant:18} {'pass' if summary.get('passed') else 'FAIL'} "
                    f"({summary.get('comparisons')} comparisons, {summary.get('failed')} failed)")
+    for name, entry in (manifest.get("variants") or {}).items():
+        state = "gate passed" if entry.get("parity") else "gate FAILED, not offered"
+        if entry.get("written") is False:
+            state = "not written: " + str(entry.get("why") or entry.get("reason") or "unsupported here")[:100]
+        typer.echo(f"{'variant':18} {name} ({entry.get('precision')}): {state}")
+    engines = sorted((bundle / "engines").glob("*.json")) if (bundle / "engines").is_dir() else []
+    for sidecar in engines:
+        try:
+            data = json.loads(sidecar.read_text())
+            typer.echo(f"{'engine':18} {sidecar.stem}: TensorRT {data.get('tensorrt_version')}, "
+                       f"{data.get('gpu', {}).get('name', data.get('gpu_name'))}, {data.get('precision')}")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            typer.echo(f"{'engine':18} {sidecar.name}: unreadable sidecar")
     typer.echo("files:")
     for name, entry in manifest.get("files", {}).items():
         typer.echo(f"  {name:28} {entry['bytes']:>12,d}  {entry['sha256'][:16]}")

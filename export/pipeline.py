@@ -33,6 +33,18 @@ class ExportResult:
         return all(r.passed for r in self.reports)
 
 
+def remove_stale_outputs(out: Path) -> None:
+    """A re-export invalidates every variant and engine made from the old graph (timing caches stay valid)."""
+    for stale in [*out.glob("model*.onnx"), *out.glob("model*.onnx.data")]:
+        stale.unlink()
+    for name in ("labels.json", "parity.json", "manifest.json"):
+        (out / name).unlink(missing_ok=True)
+    engines = out / "engines"
+    if engines.is_dir():
+        for stale in [*engines.glob("*.engine"), *engines.glob("*.json")]:
+            stale.unlink()
+
+
 def io_description(loaded: LoadedModel) -> tuple[list[dict], list[dict]]:
     dim = loaded.module.config.embed_dim
     inputs = [
@@ -59,9 +71,7 @@ def export_bundle(
     say = progress or (lambda _msg: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    # A re-export must not leave stale variants that the new manifest would not vouch for.
-    for stale in ("model.onnx", "model.fp16.onnx", "labels.json", "parity.json", "manifest.json"):
-        (out / stale).unlink(missing_ok=True)
+    remove_stale_outputs(out)
     spec = loaded.spec
     names = output_names(loaded)
     started = time.time()

@@ -218,3 +218,18 @@ def test_full_eat_export_passes_gate_and_matches_avex(full_eat_bundle, fixtures_
     assert manifest["num_classes"] == 12 and manifest["classifier_pooling"] == "cls"
     assert json.loads((bundle / "labels.json").read_text()) == loaded.labels
     _check_against_golden(bundle, fixtures_dir / "golden" / "eat", ["tokens", "embedding", "logits"])
+
+
+def test_reexport_removes_stale_variants_and_engines(tmp_path):
+    loaded = load_model("esp_aves2_naturelm_audio_v1_beats", random_init=True, **TINY_BEATS)
+    out = tmp_path / "b"
+    export_bundle(loaded, out)
+    (out / "model.int8dyn.onnx").write_bytes(b"old variant")
+    (out / "engines").mkdir()
+    (out / "engines" / "model.fp16.x.engine").write_bytes(b"old engine")
+    (out / "engines" / "model.fp16.x.json").write_text("{}")
+    (out / "engines" / "timing.x.cache").write_bytes(b"cache")
+    export_bundle(loaded, out)
+    assert not (out / "model.int8dyn.onnx").exists()
+    assert sorted(p.name for p in (out / "engines").iterdir()) == ["timing.x.cache"]
+    assert verify_bundle(out) == []
