@@ -300,3 +300,17 @@ def test_a_changed_file_is_not_resumed_from_a_stale_part(tiny_eat_bundle, birds_
     sf.write(wav, samples[: 4 * rate], rate)
     os.utime(wav, ns=(1, 1))
     assert parts.load(wav) is None
+
+
+def test_embed_parquet_opens_in_pandas(tiny_eat_bundle, birds_wav, tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    out = tmp_path / "emb.parquet"
+    assert cli("embed", tiny_eat_bundle[0], birds_wav, "-o", out, "--window", "4").exit_code == 0
+    frame = pd.read_parquet(out)
+    assert list(frame["start"]) == [0.0, 4.0, 8.0] and len(frame["embedding"][0]) == 64
+    csv_out = tmp_path / "emb.csv"
+    assert cli("embed", tiny_eat_bundle[0], birds_wav, "-o", csv_out, "--window", "4").exit_code == 0
+    table = pd.read_csv(csv_out)
+    np.testing.assert_allclose(table[[f"e{i}" for i in range(64)]].to_numpy(), np.stack(frame["embedding"]),
+                               atol=1e-6)

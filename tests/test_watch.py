@@ -253,6 +253,14 @@ def test_export_db_csv_and_search_finds_the_file_itself(bundle, encoder, tmp_pat
     assert {Path(r["file"]).name for r in table} == {f"r{i}.wav" for i in range(4)}
     assert all(r["label"] and 0 < float(r["score"]) <= 1 for r in table)
     assert (tmp_path / "table.csv.json").is_file()
+    pq = pytest.importorskip("pyarrow.parquet")
+    parquet = tmp_path / "table.parquet"
+    assert cli("export-db", str(db), "-o", str(parquet)).returncode == 0
+    frame = pq.read_table(parquet).to_pandas()
+    assert len(frame) == 4 and {"file", "start", "end", "label", "score"} <= set(frame.columns)
+    embeddings = frame["embedding"].tolist()
+    assert len(embeddings[0]) == 64
+    assert sorted(Path(f).name for f in frame["file"]) == sorted(Path(r["file"]).name for r in table)
 
     result = cli("search", str(db), str(inbox / "r2.wav"), "--bundle", str(bundle), "--top", "3",
                  "--device", "cpu")
