@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -250,19 +251,34 @@ def _summary(done: int, failed: int, out: Path, parts) -> None:
     parts.remove()
 
 
+# Options that every command running recordings through a bundle shares.
+WindowOpt = Annotated[float | None, typer.Option(help="window seconds (default: the model's native length)")]
+HopOpt = Annotated[float | None, typer.Option(help="hop seconds (default: = window)")]
+LastOpt = Annotated[str, typer.Option(help="last partial window: short (true length), pad, or drop")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, trt, cuda or cpu")]
+BatchOpt = Annotated[int, typer.Option(help="windows per inference batch")]
+ChannelOpt = Annotated[int | None, typer.Option(help="use this channel (0-based) instead of the mean")]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime")]
+VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. int8dyn (see `edgeenc info`)")]
+
+
+def _window_options(window, hop, last, batch, channel) -> dict:
+    return {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
+
+
 @app.command()
 def embed(
     bundle: Path = typer.Argument(..., help="a bundle folder"),
     audio: list[Path] = typer.Argument(..., help="audio files or folders (walked recursively)"),
     out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
-    window: float | None = typer.Option(None, help="window seconds (default: the model's native length)"),
-    hop: float | None = typer.Option(None, help="hop seconds (default: = window)"),
-    last: str = typer.Option("short", help="last partial window: short (true length), pad, or drop"),
-    device: str = typer.Option("auto", help="auto, trt, cuda or cpu"),
-    batch: int = typer.Option(8, help="windows per inference batch"),
-    channel: int | None = typer.Option(None, help="use this channel (0-based) instead of the mean"),
-    threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
-    variant: str | None = typer.Option(None, help="a gated CPU variant, e.g. int8dyn (see `edgeenc info`)"),
+    window: WindowOpt = None,
+    hop: HopOpt = None,
+    last: LastOpt = "short",
+    device: DeviceOpt = "auto",
+    batch: BatchOpt = 8,
+    channel: ChannelOpt = None,
+    threads: ThreadsOpt = None,
+    variant: VariantOpt = None,
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
@@ -271,8 +287,7 @@ def embed(
 
     files = _audio_files(audio)
     encoder = _open_encoder(bundle, device, threads, variant)
-    options = {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
-    results, failed, parts = _results(encoder, files, options, out)
+    results, failed, parts = _results(encoder, files, _window_options(window, hop, last, batch, channel), out)
     dim = encoder.embedding_dim
     try:
         write_embeddings(
@@ -297,14 +312,14 @@ def classify(
     top_k: int = typer.Option(5, "--top-k", help="labels per window"),
     threshold: float | None = typer.Option(None, help="keep only scores >= this"),
     activation: str = typer.Option("softmax", help="softmax (one label per window) or sigmoid (independent)"),
-    window: float | None = typer.Option(None, help="window seconds (default: the model's native length)"),
-    hop: float | None = typer.Option(None, help="hop seconds (default: = window)"),
-    last: str = typer.Option("short", help="last partial window: short, pad, or drop"),
-    device: str = typer.Option("auto", help="auto, trt, cuda or cpu"),
-    batch: int = typer.Option(8, help="windows per inference batch"),
-    channel: int | None = typer.Option(None, help="use this channel (0-based) instead of the mean"),
-    threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
-    variant: str | None = typer.Option(None, help="a gated CPU variant, e.g. int8dyn (see `edgeenc info`)"),
+    window: WindowOpt = None,
+    hop: HopOpt = None,
+    last: LastOpt = "short",
+    device: DeviceOpt = "auto",
+    batch: BatchOpt = 8,
+    channel: ChannelOpt = None,
+    threads: ThreadsOpt = None,
+    variant: VariantOpt = None,
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
@@ -315,8 +330,7 @@ def classify(
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)
-    options = {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
-    results, failed, parts = _results(encoder, files, options, out)
+    results, failed, parts = _results(encoder, files, _window_options(window, hop, last, batch, channel), out)
     rows = [row for r in results
             for row in top_k_rows(r, encoder.labels, top_k=top_k, threshold=threshold, activation=activation)]
     durations = {r.file: float(r.ends.max()) for r in results if len(r)}
