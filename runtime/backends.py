@@ -109,12 +109,32 @@ def _try_trt(bundle: Path, manifest: dict, output_names: list[str]) -> Backend:
     return TensorRTBackend.from_bundle(bundle, manifest, output_names)
 
 
+def ort_distributions() -> list[str]:
+    """Which ONNX Runtime packages pip installed ("onnxruntime 1.32.0", "onnxruntime-gpu 1.20.1", ...)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino"):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def _try_cuda(bundle: Path, output_names: list[str]) -> Backend:
     ort = import_onnxruntime()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
+        installed = ort_distributions()
+        both = any(d.startswith("onnxruntime ") for d in installed) and any("-gpu" in d for d in installed)
+        if both:
+            raise BackendUnavailable(
+                f"both {' and '.join(installed)} are installed, which hides the CUDA provider: "
+                "pip uninstall onnxruntime onnxruntime-gpu, then pip install 'edgeenc[gpu]'"
+            )
         raise BackendUnavailable(
-            f"this onnxruntime ({ort.__version__}) has no CUDAExecutionProvider: install 'edgeenc[gpu]' "
-            "(onnxruntime-gpu) instead of onnxruntime, not beside it"
+            f"the installed ONNX Runtime ({', '.join(installed) or ort.__version__}) has no CUDAExecutionProvider: "
+            "install 'edgeenc[gpu]' (onnxruntime-gpu) instead of onnxruntime, not beside it"
         )
     return OrtBackend(bundle / "model.onnx", output_names, provider="CUDAExecutionProvider")
 

@@ -330,3 +330,11 @@ def test_backend_failure_costs_only_the_files_in_that_batch(tiny_eat_bundle, bir
     assert outcomes[0].error is None and outcomes[2].error is None
     assert "simulated device error" in outcomes[1].error and str(paths[1]) == outcomes[1].path
     assert len(outcomes[0].result) == 1 and len(outcomes[2].result) == 1
+
+
+def test_cuda_message_names_the_conflicting_onnxruntime_packages(tiny_beats_bundle, monkeypatch):
+    from edgeenc.runtime import backends
+
+    monkeypatch.setattr(backends, "ort_distributions", lambda: ["onnxruntime 1.32.0", "onnxruntime-gpu 1.32.0"])
+    with pytest.raises(backends.BackendUnavailable, match="both onnxruntime 1.32.0 and onnxruntime-gpu"):
+        Encoder.load(tiny_beats_bundle[0], "cuda")
