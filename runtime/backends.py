@@ -46,13 +46,24 @@ def import_onnxruntime():
 class OrtBackend:
     """ONNX Runtime session on one execution provider."""
 
-    def __init__(self, model_path: Path, output_names: list[str], *, provider: str, threads: int | None = None):
+    def __init__(
+        self,
+        model_path: Path,
+        output_names: list[str],
+        *,
+        provider: str,
+        threads: int | None = None,
+        provider_options: dict | None = None,
+    ):
         ort = import_onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
-        providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+        first = (provider, provider_options) if provider_options else provider
+        providers = [first] if provider == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
+        if provider == "TensorrtExecutionProvider":
+            providers.insert(1, "CUDAExecutionProvider")  # for the nodes TensorRT does not take
         self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         active = self.session.get_providers()
         if active[0] != provider:
@@ -61,7 +72,7 @@ class OrtBackend:
                 "(CUDA or cuDNN libraries not found?)"
             )
         self.output_names = output_names
-        self.name = "cpu" if provider == "CPUExecutionProvider" else "cuda"
+        self.name = {"CPUExecutionProvider": "cpu", "TensorrtExecutionProvider": "trt"}.get(provider, "cuda")
         thread_note = f", {threads} threads" if threads else ""
         self.description = f"onnxruntime {ort.__version__} {provider} ({Path(model_path).name}{thread_note})"
 
@@ -136,7 +147,29 @@ def _try_cuda(bundle: Path, output_names: list[str]) -> Backend:
             f"the installed ONNX Runtime ({', '.join(installed) or ort.__version__}) has no CUDAExecutionProvider: "
             "install 'edgeenc[gpu]' (onnxruntime-gpu) instead of onnxruntime, not beside it"
         )
+    if os.environ.get("EDGEENC_ORT_TENSORRT") == "1" and "TensorrtExecutionProvider" in ort.get_available_providers():
+        return ort_tensorrt_backend(bundle, output_names)
     return OrtBackend(bundle / "model.onnx", output_names, provider="CUDAExecutionProvider")
+
+
+def ort_tensorrt_backend(bundle: Path, output_names: list[str]) -> Backend:
+    """onnxruntime-gpu's TensorRT execution provider, fp16, with its engine cache inside the bundle.
+
+    Opt-in (EDGEENC_ORT_TENSORRT=1): the first run builds engines for minutes, and the cache is valid
+    only for this GPU and TensorRT version, like the engines of `edgeenc build`.
+    """
+    cache = Path(bundle) / "engines" / "ort-tensorrt-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    options = {
+        "trt_fp16_enable": "True",
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(cache),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(cache),
+    }
+    source = "model.fp16.onnx" if (Path(bundle) / "model.fp16.onnx").is_file() else "model.onnx"
+    return OrtBackend(Path(bundle) / source, output_names, provider="TensorrtExecutionProvider",
+                      provider_options=options)
 
 
 def select_backend(

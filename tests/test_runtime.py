@@ -338,3 +338,37 @@ def test_cuda_message_names_the_conflicting_onnxruntime_packages(tiny_beats_bund
     monkeypatch.setattr(backends, "ort_distributions", lambda: ["onnxruntime 1.32.0", "onnxruntime-gpu 1.32.0"])
     with pytest.raises(backends.BackendUnavailable, match="both onnxruntime 1.32.0 and onnxruntime-gpu"):
         Encoder.load(tiny_beats_bundle[0], "cuda")
+
+
+def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle, monkeypatch, tmp_path):
+    """Without a GPU, check what the session is asked for: TensorRT EP (fp16, cache in the bundle), then CUDA."""
+    import shutil
+
+    import onnxruntime
+
+    from edgeenc.runtime import backends
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_beats_bundle[0], bundle)
+    asked = {}
+
+    class FakeSession:
+        def __init__(self, path, options, providers):
+            asked.update(path=path, providers=providers)
+
+        def get_providers(self):
+            return [p[0] if isinstance(p, tuple) else p for p in asked["providers"]]
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(onnxruntime, "InferenceSession", FakeSession)
+    monkeypatch.setenv("EDGEENC_ORT_TENSORRT", "1")
+    backend = backends._try_cuda(bundle, ["embedding"])
+    assert backend.name == "trt"
+    (name, options), *rest = asked["providers"]
+    assert name == "TensorrtExecutionProvider" and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert options["trt_fp16_enable"] == "True"
+    assert options["trt_engine_cache_path"].startswith(str(bundle / "engines"))
+    monkeypatch.delenv("EDGEENC_ORT_TENSORRT")
+    backends._try_cuda(bundle, ["embedding"])
+    assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
