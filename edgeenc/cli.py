@@ -155,15 +155,18 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     typer.echo("all file hashes match the manifest")
 
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf", ".opus")
 
 
 def expand_audio(paths: list[Path]) -> list[Path]:
     """Files as given, and every audio file under the given folders (sorted, recursive)."""
+    from edgeenc.runtime.audio import AUDIO_SUFFIXES
+
     found: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES))
+            # Dot files are temporaries or macOS "._" resource forks, common on recorders' exFAT cards.
+            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+                                and not p.name.startswith(".")))
         else:
             found.append(path)
     return found

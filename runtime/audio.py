@@ -25,7 +25,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-__all__ = ["AudioError", "AudioInfo", "probe", "iter_blocks", "load"]
+__all__ = ["AUDIO_SUFFIXES", "AudioError", "AudioInfo", "probe", "iter_blocks", "load"]
+
+# What folder walks (embed, classify, watch) pick up: the container formats libsndfile reads.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf", ".opus")
 
 # libsndfile logs "data : <declared> (should be <available>)" when a chunk runs past the end of file.
 _SHORT_CHUNK = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)

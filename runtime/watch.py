@@ -35,14 +35,14 @@ import numpy as np
 
 from edgeenc.export.bundle import sha256_file
 
+from .audio import AUDIO_SUFFIXES
 from .encoder import Encoder, scores
 from .store import FileInfo, Store
 
-__all__ = ["AUDIO_SUFFIXES", "WatchSummary", "watch", "store_for"]
+__all__ = ["WatchSummary", "watch", "store_for"]
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf", ".opus")
 
 Event = Callable[[str, str, str], None]  # (kind, path, detail); kinds: done, failed, alias, unchanged
 
