@@ -372,3 +372,31 @@ def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle,
     monkeypatch.delenv("EDGEENC_ORT_TENSORRT")
     backends._try_cuda(bundle, ["embedding"])
     assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_sed_birdcode_runs_at_32_khz_end_to_end(birds_wav, tmp_path):
+    """The one id fed 32 kHz: the rate travels in the manifest and ONNX metadata, not as a constant."""
+    import onnx
+    import soundfile as sf
+    import torch
+
+    from edgeenc.export.onnx_export import read_metadata
+    from edgeenc.export.pipeline import export_bundle
+    from edgeenc.models.checkpoints import load_model
+
+    loaded = load_model("esp_aves2_sed_birdcode_beats_encoder", random_init=True, embed_dim=64, depth=2, heads=4,
+                        ffn_dim=128, patch_dim=32, conv_pos=16, conv_pos_groups=4)
+    bundle = tmp_path / "sed"
+    assert export_bundle(loaded, bundle).passed
+    assert read_metadata(onnx.load(str(bundle / "model.onnx")))["sample_rate"] == "32000"
+    encoder = Encoder.load(bundle, "cpu")
+    assert encoder.sample_rate == 32000 and encoder.window_seconds == 5.0
+    result = encoder.embed_file(birds_wav)  # the recording is 32 kHz: no resampling
+    np.testing.assert_allclose(result.starts, [0.0, 5.0, 10.0])
+    samples, rate = sf.read(birds_wav, dtype="float32")
+    assert rate == 32000
+    with torch.no_grad():
+        ref = loaded.module.forward_features(torch.from_numpy(samples[None, : 5 * rate])).mean(1).numpy()
+    np.testing.assert_allclose(result.embeddings[0], ref[0], atol=2e-3)
+    assert float(np.dot(result.embeddings[0], ref[0]) / np.linalg.norm(ref) / np.linalg.norm(result.embeddings[0])) \
+        >= 0.99999
