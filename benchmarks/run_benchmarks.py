@@ -138,7 +138,8 @@ def main() -> None:
     def say(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    from edgeenc.runtime.bench import bench_audio, cold_start, count_flops, gemm_gflops, machine_info
+    from edgeenc.runtime.bench import bench_audio, cold_start
+    from edgeenc.runtime.limits import count_flops, gemm_gflops, machine_info
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or prepare_bundle(args.work, say)

@@ -52,7 +52,8 @@ def test_bench_json_fields(optimized, tmp_path):
 
 
 def test_flops_scale_with_length(tiny_bundle):
-    from edgeenc.runtime.bench import bench_audio, count_flops
+    from edgeenc.runtime.bench import bench_audio
+    from edgeenc.runtime.limits import count_flops
 
     short = count_flops(tiny_bundle / "model.onnx", bench_audio(16000, 2.0, 1))["flops"]
     long = count_flops(tiny_bundle / "model.onnx", bench_audio(16000, 4.0, 1))["flops"]
