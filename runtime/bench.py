@@ -1,15 +1,8 @@
 """`edgeenc bench`: latency, real-time factor, throughput, cold start and memory per backend and variant.
 
-Never imports torch. Every report carries the physical limit measured in the same run:
-
-- FLOPs per clip, counted from the bundle's ONNX graph at the clip's real shapes: one ONNX Runtime
-  run of model.onnx with graph optimisations off and profiling on records the input and output shape
-  of every node; MatMul / Gemm count 2*M*N*K (batched over leading dims) and Conv counts
-  2 * output elements * (C_in / groups) * kernel size. Element-wise ops, softmax and norms are not
-  counted (they are < 1 % of a transformer's work), so this is the GEMM work a perfect kernel must do.
-- this machine's fp32 GEMM rate: numpy float32 matmul of square matrices (1024-2048) in a fresh
-  subprocess with the same thread count, best of a few, measured before and after the model runs
-  (the higher one counts; other load on the machine only lowers it).
+Never imports torch. Every report carries the physical limit measured in the same run (FLOPs per
+clip from the graph, this machine's fp32 GEMM rate: see `limits.py`), measured before and after the
+model runs (the higher one counts; other load on the machine only lowers it).
 
 Every row then shows "% of GEMM peak" = achieved FLOP/s (FLOPs per clip x clips/s) / GEMM FLOP/s.
 """
