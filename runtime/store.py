@@ -405,56 +405,8 @@ def _test_stall(n: int, path: str) -> None:
 
 
 def export_table(store: Store, out: str | os.PathLike) -> int:
-    """Write every stored window to OUT (.csv or .parquet); returns the number of rows.
+    """Write every stored window to OUT (.csv or .parquet), streamed; returns the number of rows."""
+    from .writers import write_window_table
 
-    Columns as :func:`edgeenc.runtime.writers.write_embeddings` writes them, with the top label and its
-    score (empty when none) after ``end``: csv ``file,start,end,label,score,e0..``; parquet ``file``,
-    ``start``, ``end``, ``label``, ``score``, ``embedding`` (fixed-size list of float32). Streamed in
-    batches (the database may hold more windows than memory), written atomically like every output.
-    Metadata (model_id, bundle_hash) goes to the csv's ``<out>.json`` sidecar or the parquet schema.
-    """
-    from . import writers
-
-    p = os.fspath(out)
-    suffix = os.path.splitext(p)[1].lower()
     meta = {k: v for k, v in store.meta().items() if k != "schema"}
-    dim = int(meta.get("embedding_dim", 0))
-    if suffix == ".csv":
-        import csv
-
-        n = 0
-        with writers._atomic_text(p) as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["file", "start", "end", "label", "score", *(f"e{i}" for i in range(dim))])
-            for files, starts, ends, emb, labels, top in store.iter_windows():
-                for name, s, e, label, score, row in zip(files, starts.tolist(), ends.tolist(), labels,
-                                                         top.tolist(), emb):
-                    w.writerow([name, writers._float(s), writers._float(e), label or "",
-                                "" if label is None else writers._float(score),
-                                *(format(v, ".9g") for v in row.tolist())])
-                    n += 1
-        writers._write_sidecar(p, meta)
-        return n
-    if suffix == ".parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise writers.ParquetUnavailableError(
-                f'{p}: writing .parquet needs pyarrow, which is not installed; run pip install "edgeenc[parquet]" '
-                "or choose .csv"
-            ) from exc
-        schema = pa.schema([("file", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
-                            ("label", pa.string()), ("score", pa.float64()),
-                            ("embedding", pa.list_(pa.float32(), dim))], metadata=meta)
-        n = 0
-        with writers._atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
-            for files, starts, ends, emb, labels, top in store.iter_windows():
-                embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
-                score = pa.array([None if label is None else s for label, s in zip(labels, top.tolist())],
-                                 type=pa.float64())
-                pw.write_table(pa.table([pa.array(files, pa.string()), pa.array(starts), pa.array(ends),
-                                         pa.array(labels, pa.string()), score, embedding], schema=schema))
-                n += len(files)
-        return n
-    raise writers.WriterError(f"{p}: unsupported export format {suffix or '(no suffix)'!r}; use .csv or .parquet")
+    return write_window_table(out, store.iter_windows(), int(meta.get("embedding_dim", 0)), meta)

@@ -32,7 +32,7 @@ import json
 import os
 import uuid
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -314,3 +314,56 @@ def _write_raven(
                 str(int(r.rank)),
             ]
             f.write("\t".join(fields) + "\n")
+
+
+def write_window_table(out: str | os.PathLike, batches: Iterable, dim: int, metadata: Mapping[str, str]) -> int:
+    """Write windows with their top label to OUT (.csv or .parquet) batch by batch; returns the row count.
+
+    `batches` yields (files, starts, ends, embeddings [n, dim], labels (None for no label), scores).
+
+    Columns as :func:`write_embeddings` writes them, with the top label and its
+    score (empty when none) after ``end``: csv ``file,start,end,label,score,e0..``; parquet ``file``,
+    ``start``, ``end``, ``label``, ``score``, ``embedding`` (fixed-size list of float32). Streamed in
+    batches (the database may hold more windows than memory), written atomically like every output.
+    Metadata (model_id, bundle_hash) goes to the csv's ``<out>.json`` sidecar or the parquet schema.
+    """
+    p = os.fspath(out)
+    suffix = os.path.splitext(p)[1].lower()
+    meta = dict(metadata)
+    if suffix == ".csv":
+        n = 0
+        with _atomic_text(p) as f:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(["file", "start", "end", "label", "score", *(f"e{i}" for i in range(dim))])
+            for files, starts, ends, emb, labels, top in batches:
+                for name, s, e, label, score, row in zip(files, starts.tolist(), ends.tolist(), labels,
+                                                         top.tolist(), emb):
+                    w.writerow([name, _float(s), _float(e), label or "",
+                                "" if label is None else _float(score),
+                                *(format(v, ".9g") for v in row.tolist())])
+                    n += 1
+        _write_sidecar(p, meta)
+        return n
+    if suffix == ".parquet":
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError as exc:
+            raise ParquetUnavailableError(
+                f'{p}: writing .parquet needs pyarrow, which is not installed; run pip install "edgeenc[parquet]" '
+                "or choose .csv"
+            ) from exc
+        schema = pa.schema([("file", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+                            ("label", pa.string()), ("score", pa.float64()),
+                            ("embedding", pa.list_(pa.float32(), dim))], metadata=meta)
+        n = 0
+        with _atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
+            for files, starts, ends, emb, labels, top in batches:
+                embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
+                score = pa.array([None if label is None else s for label, s in zip(labels, top.tolist())],
+                                 type=pa.float64())
+                pw.write_table(pa.table([pa.array(files, pa.string()), pa.array(starts), pa.array(ends),
+                                         pa.array(labels, pa.string()), score, embedding], schema=schema))
+                n += len(files)
+        return n
+    raise WriterError(f"{p}: unsupported export format {suffix or '(no suffix)'!r}; use .csv or .parquet")
