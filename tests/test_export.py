@@ -233,3 +233,23 @@ def test_reexport_removes_stale_variants_and_engines(tmp_path):
     assert not (out / "model.int8dyn.onnx").exists()
     assert sorted(p.name for p in (out / "engines").iterdir()) == ["timing.x.cache"]
     assert verify_bundle(out) == []
+
+
+def test_demo_says_offline_and_runs_flagged_random_weights(tmp_path, monkeypatch):
+    from edgeenc.models import checkpoints
+
+    real = checkpoints.load_model
+
+    def offline(model_id, checkpoint=None, *, random_init=False, **kwargs):
+        if not random_init:
+            raise checkpoints.CheckpointUnavailable("offline; pass --checkpoint PATH or --random-init")
+        return real(model_id, random_init=True, embed_dim=64, depth=2, heads=4, max_length=64)
+
+    monkeypatch.setattr(checkpoints, "load_model", offline)
+    result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    assert "RANDOM weights" in result.output and "birds_10s.wav: 2 window(s)" in result.output
+    assert "#1  random_class_" in result.output
+    assert read_manifest(tmp_path / "demo")["random_init"] is True
+    stop = runner.invoke(app, ["demo", "-o", str(tmp_path / "d2"), "--no-random-init-if-offline"])
+    assert stop.exit_code == 2 and "--checkpoint" in stop.output
