@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 MANIFEST = "manifest.json"
@@ -31,20 +29,11 @@ def sha256_file(path: Path) -> str:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=False)
-            fh.write("\n")
-        # mkstemp makes 0600 files; a bundle must be readable by the service user that runs it.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from edgeenc.runtime.writers import atomic_text
+
+    with atomic_text(path) as fh:
+        json.dump(data, fh, indent=1, sort_keys=False)
+        fh.write("\n")
 
 
 def bundle_files(bundle: Path) -> list[str]:

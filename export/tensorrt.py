@@ -317,9 +317,10 @@ def _build_serialized(trt, source: _Source, profile: Profile, workspace_gb: floa
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_bytes(data)
-    os.replace(staged, path)
+    from edgeenc.runtime.writers import atomic_path
+
+    with atomic_path(path) as staged:
+        Path(staged).write_bytes(data)
 
 
 @dataclass

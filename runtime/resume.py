@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .encoder import EmbeddingResult
+from .writers import atomic_path
 
 
 class PartFolder:
@@ -49,19 +49,9 @@ class PartFolder:
             return None  # a part cut short by a crash: redo that file
 
     def save(self, result: EmbeddingResult) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        target = self._path(result.file)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                logits = result.logits if result.logits is not None else np.zeros((0, 0), np.float32)
-                np.savez(fh, starts=result.starts, ends=result.ends, embeddings=result.embeddings, logits=logits)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        logits = result.logits if result.logits is not None else np.zeros((0, 0), np.float32)
+        with atomic_path(self._path(result.file)) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, starts=result.starts, ends=result.ends, embeddings=result.embeddings, logits=logits)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

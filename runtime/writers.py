@@ -86,7 +86,9 @@ class ClassRow:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary name beside `path`; on success it is fsynced and renamed over `path`."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
@@ -119,15 +121,15 @@ def _fsync_folder(folder: str) -> None:
 
 
 @contextlib.contextmanager
-def _atomic_text(path: str) -> Iterator[TextIO]:
-    with _atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+def atomic_text(path: str | os.PathLike) -> Iterator[TextIO]:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         yield f
 
 
 def _write_sidecar(path: str, metadata: Mapping[str, Any] | None) -> None:
     if metadata is None:
         return
-    with _atomic_text(path + ".json") as f:
+    with atomic_text(path + ".json") as f:
         json.dump(dict(metadata), f, indent=2, sort_keys=True, default=str)
         f.write("\n")
 
@@ -187,14 +189,14 @@ def _write_npz(
     }
     # Written as np.savez does (a zip of .npy members), by hand because np.savez's own first
     # parameter is called "file" and so cannot take an array of that name.
-    with _atomic_path(p) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+    with atomic_path(p) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, array in arrays.items():
             with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
 
 
 def _write_embeddings_csv(p: str, files: list[str], starts: np.ndarray, ends: np.ndarray, emb: np.ndarray) -> None:
-    with _atomic_text(p) as f:
+    with atomic_text(p) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["file", "start", "end", *(f"e{i}" for i in range(emb.shape[1]))])
         for name, s, e, row in zip(files, starts.tolist(), ends.tolist(), emb, strict=True):
@@ -225,7 +227,7 @@ def _write_parquet(
     )
     schema_meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in meta.items()}
     table = table.replace_schema_metadata(schema_meta)
-    with _atomic_path(p) as tmp:
+    with atomic_path(p) as tmp:
         pq.write_table(table, tmp)
 
 
@@ -262,7 +264,7 @@ def write_classifications(
 
 
 def _write_classes_csv(p: str, rows: Sequence[ClassRow]) -> None:
-    with _atomic_text(p) as f:
+    with atomic_text(p) as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["file", "start", "end", "rank", "label", "score"])
         for r in rows:
@@ -295,7 +297,7 @@ def _write_raven(
 ) -> None:
     offsets = _raven_offsets(p, rows, durations)
     high = _float(sample_rate / 2)
-    with _atomic_text(p) as f:
+    with atomic_text(p) as f:
         f.write("\t".join(RAVEN_COLUMNS) + "\n")
         for i, r in enumerate(rows, start=1):
             off = offsets[r.file]
@@ -332,7 +334,7 @@ def write_window_table(out: str | os.PathLike, batches: Iterable, dim: int, meta
     meta = dict(metadata)
     if suffix == ".csv":
         n = 0
-        with _atomic_text(p) as f:
+        with atomic_text(p) as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(["file", "start", "end", "label", "score", *(f"e{i}" for i in range(dim))])
             for files, starts, ends, emb, labels, top in batches:
@@ -357,7 +359,7 @@ def write_window_table(out: str | os.PathLike, batches: Iterable, dim: int, meta
                             ("label", pa.string()), ("score", pa.float64()),
                             ("embedding", pa.list_(pa.float32(), dim))], metadata=meta)
         n = 0
-        with _atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
+        with atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
             for files, starts, ends, emb, labels, top in batches:
                 embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
                 score = pa.array([None if label is None else s for label, s in zip(labels, top.tolist())],
