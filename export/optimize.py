@@ -1,9 +1,12 @@
 """`edgeenc optimize`: CPU variants of a bundle, each checked against model.onnx before it is listed.
 
-- model.cpu.onnx: ONNX Runtime's transformer optimizer (fused LayerNormalization /
-  SkipLayerNormalization / BiasGelu / FastGelu / Attention where the pattern matches), fp32. Gate:
+- model.cpu.onnx: the exact layout rewrites of export/layout.py (GEMM widths that alias in L1 padded
+  with zeros), then ONNX Runtime's own fusions (LayerNormalization, BiasGelu, FusedMatMul) saved into
+  the file, fp32. Gate:
   the fp32 thresholds of DESIGN.md (max abs <= 2e-3, per-token cosine >= 0.99999) against ONNX
   Runtime running model.onnx (the model.onnx itself was gated against PyTorch at export).
+- the int8 variants start from the layout-rewritten model.onnx (standard ops, so the quantisers
+  understand it).
 - model.int8dyn.onnx: dynamic int8 (weights per channel, activations quantised at run time), a
   baseline.
 - model.int8.onnx: static int8 (QDQ, weights per channel, activations calibrated on windows of the
@@ -27,6 +30,7 @@ import numpy as np
 import onnx
 
 from . import bundle as bundle_io
+from .layout import cpu_layout
 from .parity import (
     FP32_COSINE_GAP,
     FP32_MAX_ABS,
@@ -83,42 +87,47 @@ def fp32_compare(candidate, reference, cases: Iterable[ParityCase], names: list[
             "reference": "onnxruntime on model.onnx", "comparisons": comparisons}
 
 
-def detect_heads(model: onnx.ModelProto, hidden: int) -> int:
-    """Attention heads from the Reshape to [b, t, heads, head_dim] in the graph, 0 when not found."""
-    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    consts[node.output[0]] = onnx.numpy_helper.to_array(attr.t)
-    counts: dict[int, int] = {}
-    for node in model.graph.node:
-        if node.op_type == "Reshape" and node.input[1] in consts:
-            shape = consts[node.input[1]].reshape(-1)
-            if len(shape) == 4 and shape[2] > 0 and shape[3] > 0 and shape[2] * shape[3] == hidden:
-                counts[int(shape[2])] = counts.get(int(shape[2]), 0) + 1
-        if node.op_type == "Concat" and len(node.input) == 4 and all(x in consts for x in node.input[2:]):
-            h, d = (int(consts[x].reshape(-1)[0]) if consts[x].size == 1 else -1 for x in node.input[2:])
-            if h > 0 and d > 0 and h * d == hidden:
-                counts[h] = counts.get(h, 0) + 1
-    return max(counts, key=counts.get) if counts else 0
-
-
-def write_cpu_model(src: Path, dst: Path, hidden: int, *, say: Progress) -> dict:
-    from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_model
-
+def write_layout_model(src: Path, dst: Path) -> dict:
+    """model.onnx with the exact CPU layout rewrites of export/layout.py (standard ops only)."""
     model = onnx.load(str(src))
-    heads = detect_heads(model, hidden)
-    options = FusionOptions("bert")
-    say(f"transformer optimizer (bert fusions, {heads or 'auto'} heads, hidden {hidden})")
-    opt = optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden if heads else 0,
-                         opt_level=1,
-                         optimization_options=options, use_gpu=False, only_onnxruntime=False)
-    fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
-    opt.save_model_to_file(str(dst), use_external_data_format=False)
-    return {"tool": "onnxruntime.transformers.optimizer (model_type=bert, opt_level=1)", "num_heads": heads,
-            "hidden_size": hidden, "fused_operators": fused}
+    info = cpu_layout(model)
+    onnx.save(model, str(dst))
+    return info
+
+
+def write_cpu_model(src: Path, dst: Path, *, say: Progress) -> dict:
+    """model.cpu.onnx: layout rewrites, then ONNX Runtime's own fusions saved into the file.
+
+    ONNX Runtime at ORT_ENABLE_EXTENDED fuses LayerNormalization, Gelu / BiasGelu, MatMul + scale
+    (FusedMatMul) and folds constants; the result uses com.microsoft ops, so it lives beside the portable
+    model.onnx. ORT_ENABLE_ALL is not saved: it adds layout changes tied to this CPU. The transformer
+    optimizer (onnxruntime.transformers) was tried and dropped: its SkipLayerNormalization kernel made
+    the model slower (see runtime.backends.CPU_DISABLED_OPTIMIZERS) and its Attention fusion does not
+    match BEATs' gated relative bias.
+    """
+    import onnxruntime as ort
+
+    from ..runtime.backends import CPU_DISABLED_OPTIMIZERS
+
+    staged = dst.with_suffix(".layout.onnx")
+    try:
+        say("layout rewrites (pad 4 KiB-aliased GEMM widths with exact zeros)")
+        layout = write_layout_model(src, staged)
+        say("onnxruntime graph optimisations (ORT_ENABLE_EXTENDED), saved")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"],
+                             disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
+    finally:
+        staged.unlink(missing_ok=True)
+    fused = {}
+    for node in onnx.load(str(dst), load_external_data=False).graph.node:
+        if node.domain == "com.microsoft":
+            fused[node.op_type] = fused.get(node.op_type, 0) + 1
+    return {"tool": f"export.layout + onnxruntime {ort.__version__} ORT_ENABLE_EXTENDED (saved optimised model; "
+                    f"disabled: {', '.join(CPU_DISABLED_OPTIMIZERS)})",
+            "layout": layout, "fused_operators": fused}
 
 
 def front_end_nodes(model: onnx.ModelProto) -> list[str]:
@@ -235,8 +244,7 @@ def optimize_bundle(
     bundle = Path(bundle)
     manifest = bundle_io.read_manifest(bundle)
     names = [o["name"] for o in manifest["outputs"]]
-    rate, window, hidden = int(manifest["sample_rate"]), float(manifest["window_seconds"]), int(
-        manifest["embedding_dim"])
+    rate, window = int(manifest["sample_rate"]), float(manifest["window_seconds"])
     cases = optimize_cases(rate, window, quick=quick)
     src = bundle / "model.onnx"
     reference = ort_runner(src, names, threads)
@@ -254,7 +262,7 @@ def optimize_bundle(
     written: list[str] = []
 
     started = time.time()
-    info = write_cpu_model(src, bundle / "model.cpu.onnx", hidden, say=say)
+    info = write_cpu_model(src, bundle / "model.cpu.onnx", say=say)
     say("fp32 gate of model.cpu.onnx against model.onnx")
     figures = fp32_compare(ort_runner(bundle / "model.cpu.onnx", names, threads), cached_reference, cases, names)
     entry = {"precision": "fp32", "parity": figures["passed"], "figures": figures["worst"], **info,
@@ -264,24 +272,30 @@ def optimize_bundle(
     _keep_or_drop(bundle, "model.cpu.onnx", figures["passed"], keep_failed, written)
 
     plans = []
+    layout_src = bundle / ".model.layout.onnx"  # the quantisers' input, removed below
+    if int8:
+        write_layout_model(src, layout_src)
     if int8 and dynamic:
-        plans.append(("model.int8dyn.onnx", lambda dst: write_dynamic_int8(src, dst, keep_fp32 or [])))
+        plans.append(("model.int8dyn.onnx", lambda dst: write_dynamic_int8(layout_src, dst, keep_fp32 or [])))
     if int8:
         windows = calibration_windows(rate, window, calibration_windows_count)
-        plans.append(("model.int8.onnx", lambda dst: write_static_int8(src, dst, windows, keep_fp32 or [])))
-    for name, write in plans:
-        started = time.time()
-        say(f"writing {name}")
-        info = write(bundle / name)
-        say(f"reduced-precision gate of {name}")
-        report = run_reduced_gate(name, ort_runner(bundle / name, names, threads), references, cases,
-                                  token_cosine=LOWP_TOKEN_COSINE, progress=say)
-        gate = gate_summary(report)
-        entry = {"precision": "int8", "parity": report.passed, "figures": gate, **info,
-                 "seconds": round(time.time() - started, 1)}
-        variants[name] = entry
-        summary[name] = {**entry, "comparisons": [c.__dict__ for c in report.comparisons]}
-        _keep_or_drop(bundle, name, report.passed, keep_failed, written)
+        plans.append(("model.int8.onnx", lambda dst: write_static_int8(layout_src, dst, windows, keep_fp32 or [])))
+    try:
+        for name, write in plans:
+            started = time.time()
+            say(f"writing {name}")
+            info = write(bundle / name)
+            say(f"reduced-precision gate of {name}")
+            report = run_reduced_gate(name, ort_runner(bundle / name, names, threads), references, cases,
+                                      token_cosine=LOWP_TOKEN_COSINE, progress=say)
+            gate = gate_summary(report)
+            entry = {"precision": "int8", "parity": report.passed, "figures": gate, **info,
+                     "seconds": round(time.time() - started, 1)}
+            variants[name] = entry
+            summary[name] = {**entry, "comparisons": [c.__dict__ for c in report.comparisons]}
+            _keep_or_drop(bundle, name, report.passed, keep_failed, written)
+    finally:
+        layout_src.unlink(missing_ok=True)
 
     ok, why = bf16_supported()
     variants["model.bf16.onnx"] = {"precision": "bf16", "parity": False, "written": False,

@@ -170,6 +170,19 @@ def tiny_beats_bundle(tmp_path_factory) -> tuple[Path, object]:
 
 
 @pytest.fixture(scope="session")
+def aliased_beats_bundle(tmp_path_factory) -> Path:
+    """A tiny BEATs whose feed-forward width (1024) and positional-conv im2col row (16 x 64) are the
+    4 KiB-aliased shapes export/layout.py rewrites, like the full model's 3072 and 48 x 128 (~4 s)."""
+    from edgeenc.models.checkpoints import load_model
+
+    loaded = load_model(
+        "esp_aves2_naturelm_audio_v1_beats", random_init=True, embed_dim=64, depth=2, heads=4, ffn_dim=1024,
+        patch_dim=32, conv_pos=64, conv_pos_groups=4,
+    )
+    return _export(loaded, tmp_path_factory.mktemp("aliased-beats") / "bundle")
+
+
+@pytest.fixture(scope="session")
 def full_eat_bundle(make_checkpoint, tmp_path_factory) -> tuple[Path, object]:
     """(bundle_path, loaded): the full-size EAT fixture checkpoint (seed 0, 12 classes), exported (~2 min).
 

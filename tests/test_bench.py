@@ -17,9 +17,9 @@ def tiny_bundle(tiny_beats_bundle):
 
 
 @pytest.fixture(scope="module")
-def optimized(tiny_bundle, tmp_path_factory):
+def optimized(aliased_beats_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("opt") / "bundle"
-    shutil.copytree(tiny_bundle, out)
+    shutil.copytree(aliased_beats_bundle, out)
     result = CliRunner().invoke(app, ["optimize", str(out), "--threads", "2"])
     assert result.exit_code == 0, result.output
     return out
@@ -71,6 +71,14 @@ def test_optimize_writes_preferred_cpu_model(optimized):
     assert entry["parity"] is True and entry["precision"] == "fp32"
     assert entry["figures"]["max_abs"] <= 2e-3 and entry["figures"]["min_token_cosine"] >= 0.99999
     assert entry["fused_operators"]
+    # both aliased shapes of the tiny model were rewritten, and the gate above still passed
+    assert entry["layout"]["hidden_padded"] == 2 and entry["layout"]["conv_taps_padded"] == 1
+    assert not any(p.name.startswith(".") for p in optimized.iterdir())  # the quantisers' staging file is gone
+    if (optimized / "model.int8dyn.onnx").is_file():  # the quantisers start from the rewritten graph
+        import onnx
+
+        dims = {tuple(i.dims) for i in onnx.load(str(optimized / "model.int8dyn.onnx")).graph.initializer}
+        assert (1040, 64) in dims and (64, 1040) in dims
     assert manifest["variants"]["model.onnx"]["parity"] is True  # the export's entry survives the merge
     for name in ("model.int8dyn.onnx", "model.int8.onnx"):
         v = manifest["variants"][name]
