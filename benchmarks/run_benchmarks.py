@@ -5,8 +5,11 @@
 
 One run, one clip (10 s of the bundled real recording), batch 1. For every thread count all
 targets are loaded, warmed up, then timed round-robin (one run each per round) so that other load on
-the machine hits all of them alike; the numpy fp32 GEMM peak is measured between rounds in the same
-run (best of all measurements). Writes benchmarks/results.json, benchmarks/speed_vs_quality.png.
+the machine hits all of them alike, with a short idle gap before each run (--gap) so that a
+target's spinning worker threads (ONNX Runtime's, OpenMP's) do not take the next one's cores; the
+numpy fp32 GEMM peak is measured between rounds in the same run (best of all measurements). Writes
+benchmarks/results.json, benchmarks/speed_vs_quality.png and benchmarks/tables.md (the tables of
+benchmarks/README.md; `--tables results.json` prints them again).
 
 Targets: PyTorch eager (our model, the fixture checkpoint from shared/fixtures/make_checkpoint.py
 --arch beats --seed 0), ONNX Runtime on model.onnx, model.cpu.onnx and every int8 variant written by
@@ -53,17 +56,15 @@ def prepare_bundle(work: Path, say) -> Path:
 
 
 class Ort:
-    def __init__(self, path: Path, threads: int):
-        import onnxruntime as ort
+    """The runtime's own CPU backend (same session options users get)."""
 
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def __init__(self, path: Path, threads: int):
+        from edgeenc.runtime.backends import OrtBackend
+
+        self.backend = OrtBackend(path, ["embedding"], provider="CPUExecutionProvider", threads=threads)
 
     def __call__(self, audio):
-        self.session.run(["embedding"], {"audio": audio})
+        self.backend.run(audio)
 
 
 class Eager:
@@ -131,9 +132,17 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, default=None, help="use this bundle (already optimised)")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--gap", type=float, default=0.05,
+                        help="seconds of idle between targets, so one target's spinning worker threads do not "
+                             "take the next one's cores")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--tables", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="only print the markdown tables of an existing results.json")
     args = parser.parse_args()
+    if args.tables:
+        print(markdown_tables(json.loads(args.tables.read_text())), end="")
+        return
 
     def say(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -157,7 +166,7 @@ def main() -> None:
     variants = {name: v for name, v in manifest["variants"].items()
                 if name != "model.onnx" and (bundle / name).is_file()}
     results = {"model_id": MODEL_ID, "clip": "10 s of edgeenc/data/birds_10s.wav (= shared/audio/birds_10s.wav)",
-               "batch": 1, "rounds": args.rounds, "machine": machine_info(), "flops": flops,
+               "batch": 1, "rounds": args.rounds, "gap_s": args.gap, "machine": machine_info(), "flops": flops,
                "gflop_per_clip": flops["flops"] / 1e9, "birdnet": {"source": birdnet_source}, "by_threads": {},
                "variants": {k: {kk: vv for kk, vv in v.items() if kk != "comparisons"} for k, v in
                             manifest["variants"].items()},
@@ -179,10 +188,12 @@ def main() -> None:
         gemm = []
         for r in range(args.rounds):
             for name, fn in targets.items():
+                time.sleep(args.gap)
                 t = time.perf_counter()
                 fn(clip)
                 times[name].append(time.perf_counter() - t)
             if r % 3 == 0 or r == args.rounds - 1:
+                time.sleep(max(args.gap, 0.2))  # idle first: spinning pool threads would lower the peak
                 gemm.append(gemm_gflops(threads, repeats=3)["gflops"])
             say(f"threads={threads} round {r + 1}/{args.rounds}: "
                 + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
@@ -219,6 +230,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / "speed_vs_quality.png")
+    (args.out / "tables.md").write_text(markdown_tables(results))
     say(f"wrote {args.out / 'results.json'}")
     for t, block in results["by_threads"].items():
         print(f"\nthreads={t}  GEMM peak {block['gemm_peak_gflops']:.1f} GFLOP/s  "
@@ -229,6 +241,45 @@ def main() -> None:
                   f"x{r.get('speedup_vs_eager', r.get('speedup_vs_eager_per_audio_s', 0)):.2f} vs eager  "
                   f"{r.get('percent_of_gemm_peak', float('nan')):5.1f}% peak  gate {r.get('gate_passed')}  "
                   f"tokcos {q.get('min_token_cosine')}  centred {q.get('min_centred_embedding_cosine')}")
+
+
+def markdown_tables(results: dict) -> str:
+    """The tables of benchmarks/README.md, from results.json (so no figure there is typed by hand)."""
+    nan = float("nan")
+    lines = ["| threads | target | p50 s | p90 s | RTF (audio s / s) | × eager | GFLOP/s | % of GEMM peak | "
+             "quality gate (min token cos / centred emb cos) |", "|---|---|---|---|---|---|---|---|---|"]
+    for t, block in results["by_threads"].items():
+        for name, r in block["rows"].items():
+            if name.startswith("birdnet"):
+                label, x, gf, pct, gate = "BirdNET V2.4 FP32 tflite (3 s chunk)", "–", "–", "–", "–"
+            else:
+                label = name.replace("ort ", "ORT ")
+                x, gf, pct = f"{r['speedup_vs_eager']:.2f}", f"{r['achieved_gflops']:.0f}", \
+                    f"{r['percent_of_gemm_peak']:.0f}"
+                q = r.get("quality") or {}
+                if name == "pytorch_eager":
+                    gate = "reference"
+                elif r.get("precision") == "fp32":
+                    gate = "fp32 gate: " + ("pass" if r.get("gate_passed") else "FAIL")
+                    if q.get("max_abs") is not None:
+                        gate += f" (max abs {q['max_abs']:.1e})"
+                else:
+                    tok, cen = q.get("min_token_cosine", nan), q.get("min_centred_embedding_cosine", nan)
+                    gate = ("pass" if r.get("gate_passed") else "FAIL") + f" {tok:.5f} / {cen:.4f}"
+            lines.append(f"| {t} | {label} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['rtf']:.1f} | {x} | {gf} | "
+                         f"{pct} | {gate} |")
+        lines.append(f"| {t} | *GEMM peak (numpy fp32, same run)* | | | | | {block['gemm_peak_gflops']:.0f} | 100 | |")
+    cold = results.get("cold_start") or {}
+    if cold:
+        lines += ["", "| variant | cold start s | session load s | first run s | peak RSS MB |",
+                  "|---|---|---|---|---|"]
+        for name, c in cold.items():
+            if "error" in c:
+                lines.append(f"| {name} | error: {c['error']} | | | |")
+                continue
+            lines.append(f"| {name} | {c.get('cold_start_s', nan):.2f} | {c.get('session_load_s', nan):.2f} | "
+                         f"{c.get('first_run_s', nan):.2f} | {c.get('peak_rss_mb', nan):.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:

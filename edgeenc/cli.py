@@ -98,6 +98,8 @@ def export(
     if not result.passed:
         err(f"parity gate failed; the bundle in {target} is marked failed (see parity.json)")
         raise typer.Exit(EXIT_PARITY_FAILED)
+    note(f"next: `edgeenc optimize {target}` on a CPU (model.cpu.onnx, faster fp32, and gated int8 variants), "
+         f"`edgeenc build {target}` on a GPU or Jetson")
 
 
 def _progress_printer():

@@ -67,14 +67,22 @@ def percentiles(times: list[float]) -> dict:
             "runs": len(times)}
 
 
-def time_interleaved(targets: list[Target], audio: np.ndarray, runs: int, warmup: int) -> dict[str, list[float]]:
-    """Warm every target, then round-robin one run each so load on the machine hits all alike."""
+def time_interleaved(
+    targets: list[Target], audio: np.ndarray, runs: int, warmup: int, gap: float = 0.05
+) -> dict[str, list[float]]:
+    """Warm every target, then round-robin one run each so load on the machine hits all alike.
+
+    `gap` seconds of idle before each timed run let the previous target's worker threads stop spinning
+    (ONNX Runtime's pool spins after a run), so they do not take this target's cores.
+    """
     for target in targets:
         for _ in range(warmup):
             target.runner.run(audio)
     times: dict[str, list[float]] = {t.variant + "@" + t.backend: [] for t in targets}
     for _ in range(runs):
         for target in targets:
+            if gap and len(targets) > 1:
+                time.sleep(gap)
             start = time.perf_counter()
             target.runner.run(audio)
             times[target.variant + "@" + target.backend].append(time.perf_counter() - start)
@@ -235,6 +243,7 @@ def run_bench(
     for target in targets:
         target.runner.close()
     say("fp32 GEMM peak (after)")
+    time.sleep(0.2)  # let the sessions' spinning pool threads go idle, or they lower the measured peak
     gemm_after = gemm_gflops(threads)
     peaks = [g["gflops"] for g in (gemm_before, gemm_after) if g["gflops"]]
     peak = max(peaks) if peaks else None
