@@ -108,3 +108,38 @@ def test_runtime_offers_only_gated_variants(optimized):
     with pytest.raises(BackendUnavailable, match="cpu only"):
         Encoder.load(optimized, "cuda", variant="int8dyn")
     assert "model.onnx" in Encoder.load(optimized, "cpu", variant="fp32").backend.description
+
+
+def test_int8_that_fails_its_gate_is_retried_with_ffn_down_projections_in_fp32(aliased_beats_bundle, tmp_path,
+                                                                             monkeypatch):
+    """The control flow of the fallback: a first attempt the gate rejects is retried once with each block's
+    fc2 in fp32, and both attempts are recorded (the full EAT fixture needs it: centred cosine 0.988)."""
+    import onnx
+
+    from edgeenc.export import optimize as opt
+    from edgeenc.export.bundle import read_manifest
+
+    out = tmp_path / "bundle"
+    shutil.copytree(aliased_beats_bundle, out)
+    real_gate, calls = opt.run_reduced_gate, []
+
+    def first_attempt_fails(name, *args, **kwargs):
+        report = real_gate(name, *args, **kwargs)
+        calls.append(name)
+        if calls.count(name) == 1:
+            report.passed = False  # stands in for an int8 fc2 that breaks quality
+        return report
+
+    monkeypatch.setattr(opt, "run_reduced_gate", first_attempt_fails)
+    opt.optimize_bundle(out, dynamic=True, quick=True, threads=2)
+    assert calls.count("model.int8dyn.onnx") == 2 and calls.count("model.int8.onnx") == 2
+    manifest = read_manifest(out)
+    entry = manifest["variants"]["model.int8dyn.onnx"]
+    assert entry["parity"] is True and len(entry["failed_attempts"]) == 1
+    assert entry["failed_attempts"][0]["fp32_nodes_kept"] == 0
+    kept = entry["fp32_nodes_kept"]
+    assert len(kept) == 2 and all("fc2" in name for name in kept)  # one per block, found by the widest K
+    model = onnx.load(str(out / "model.int8dyn.onnx"))
+    weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    fp32_fc2 = [n for n in model.graph.node if n.op_type == "MatMul" and weights.get(n.input[1]) == (1040, 64)]
+    assert len(fp32_fc2) == 2  # still plain fp32 MatMuls on the padded fc2 weights
