@@ -302,7 +302,7 @@ def plot(results: dict, path: Path) -> None:
             y = max(1 - cos, floor)
             ax.scatter(r["speedup_vs_eager"], y, marker="o" if r.get("gate_passed", True) else "x", s=45)
             ax.annotate(name.replace("ort ", ""), (r["speedup_vs_eager"], y), fontsize=7,
-                        xytext=(5, -12 + 9 * (i % 3)), textcoords="offset points")
+                        xytext=(4, (-14, 8, 20)[i % 3]), textcoords="offset points")
         ax.set_yscale("log")
         ax.axhline(0.01, ls="--", lw=0.8, color="grey")
         ax.text(1.0, 0.013, "int8 gate: per-token cosine 0.99", fontsize=7, color="grey")
