@@ -35,7 +35,6 @@ def _aliased(floats: int) -> bool:
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
-        self.model = model
         self.graph = model.graph
         self.inits = {i.name: i for i in self.graph.initializer}
         self.consts = {}
@@ -45,12 +44,9 @@ class _Graph:
                     if attr.name == "value":
                         self.consts[node.output[0]] = numpy_helper.to_array(attr.t)
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        self.producer: dict[str, onnx.NodeProto] = {}
         for node in self.graph.node:
             for name in node.input:
                 self.consumers.setdefault(name, []).append(node)
-            for name in node.output:
-                self.producer[name] = node
         self.outputs = {o.name for o in self.graph.output}
 
     def array(self, name: str) -> np.ndarray | None:
@@ -62,7 +58,7 @@ class _Graph:
         """Give input `index` of `node` a new initializer (a fresh name: the old one may be shared)."""
         name = f"{node.input[index]}__{tag}"
         if name not in self.inits:
-            tensor = numpy_helper.from_array(value.astype(value.dtype, copy=False), name)
+            tensor = numpy_helper.from_array(value, name)
             self.graph.initializer.append(tensor)
             self.inits[name] = tensor
         node.input[index] = name
@@ -74,14 +70,14 @@ def _hidden_region(g: _Graph, first: onnx.NodeProto, width: int):
     Every node reachable from first's output must be element-wise (CHAIN_OPS) with only constant side
     inputs (scalars or [width] vectors), until exactly one MatMul takes a region tensor as its A input.
     """
-    region, edits, second = [], [], None
+    region, seen, edits, second = [], set(), [], None
     tensors, todo = {first.output[0]}, [first.output[0]]
     while todo:
         tensor = todo.pop()
         if tensor in g.outputs:
             return None
         for node in g.consumers.get(tensor, []):
-            if node in region or node is second:
+            if id(node) in seen or node is second:
                 continue
             if node.op_type == "MatMul" and node.input[0] == tensor and node.input[1] not in tensors:
                 if second is not None:
@@ -95,11 +91,7 @@ def _hidden_region(g: _Graph, first: onnx.NodeProto, width: int):
                     continue
                 value = g.array(name)
                 if value is None:
-                    # a runtime input from outside: allowed only if it is produced inside the region later
-                    producer = g.producer.get(name)
-                    if producer is None or producer.op_type not in CHAIN_OPS:
-                        return None
-                    continue
+                    continue  # a runtime input: it must come from the region, checked once the region is whole
                 if value.size == 1:
                     continue
                 if value.size == width and value.shape[-1:] == (width,):
@@ -107,6 +99,7 @@ def _hidden_region(g: _Graph, first: onnx.NodeProto, width: int):
                     continue
                 return None
             region.append(node)
+            seen.add(id(node))
             tensors.add(node.output[0])
             todo.append(node.output[0])
     if second is None:

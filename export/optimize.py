@@ -100,8 +100,8 @@ def write_layout_model(src: Path, dst: Path) -> dict:
     return info
 
 
-def write_cpu_model(src: Path, dst: Path, *, say: Progress) -> dict:
-    """model.cpu.onnx: layout rewrites, then ONNX Runtime's own fusions saved into the file.
+def write_cpu_model(layout_src: Path, dst: Path, *, say: Progress) -> dict:
+    """model.cpu.onnx from the layout-rewritten model.onnx: ONNX Runtime's own fusions saved into the file.
 
     ONNX Runtime at ORT_ENABLE_EXTENDED fuses LayerNormalization, Gelu / BiasGelu, MatMul + scale
     (FusedMatMul) and folds constants; the result uses com.microsoft ops, so it lives beside the portable
@@ -114,25 +114,18 @@ def write_cpu_model(src: Path, dst: Path, *, say: Progress) -> dict:
 
     from ..runtime.backends import CPU_DISABLED_OPTIMIZERS
 
-    staged = dst.with_suffix(".layout.onnx")
-    try:
-        say("layout rewrites (pad 4 KiB-aliased GEMM widths with exact zeros)")
-        layout = write_layout_model(src, staged)
-        say("onnxruntime graph optimisations (ORT_ENABLE_EXTENDED), saved")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = str(dst)
-        ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"],
-                             disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
-    finally:
-        staged.unlink(missing_ok=True)
+    say("onnxruntime graph optimisations (ORT_ENABLE_EXTENDED), saved")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(dst)
+    ort.InferenceSession(str(layout_src), options, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=list(CPU_DISABLED_OPTIMIZERS))
     fused = {}
     for node in onnx.load(str(dst), load_external_data=False).graph.node:
         if node.domain == "com.microsoft":
             fused[node.op_type] = fused.get(node.op_type, 0) + 1
     return {"tool": f"export.layout + onnxruntime {ort.__version__} ORT_ENABLE_EXTENDED (saved optimised model; "
-                    f"disabled: {', '.join(CPU_DISABLED_OPTIMIZERS)})",
-            "layout": layout, "fused_operators": fused}
+                    f"disabled: {', '.join(CPU_DISABLED_OPTIMIZERS)})", "fused_operators": fused}
 
 
 def front_end_nodes(model: onnx.ModelProto) -> list[str]:
@@ -282,44 +275,45 @@ def optimize_bundle(
     summary: dict = {}
     written: list[str] = []
 
-    started = time.time()
-    info = write_cpu_model(src, bundle / "model.cpu.onnx", say=say)
-    say("fp32 gate of model.cpu.onnx against model.onnx")
-    figures = fp32_compare(ort_runner(bundle / "model.cpu.onnx", names, threads), cached_reference, cases, names)
-    entry = {"precision": "fp32", "parity": figures["passed"], "figures": figures["worst"], **info,
-             "seconds": round(time.time() - started, 1)}
-    summary["model.cpu.onnx"] = {**entry, "comparisons": figures["comparisons"]}
-    variants["model.cpu.onnx"] = entry
-    _keep_or_drop(bundle, "model.cpu.onnx", figures["passed"], keep_failed, written)
-
-    plans = []
-    layout_src = bundle / ".model.layout.onnx"  # the quantisers' input, removed below
-    if int8:
-        write_layout_model(src, layout_src)
-    if int8 and dynamic:
-        plans.append(("model.int8dyn.onnx", lambda dst, keep: write_dynamic_int8(layout_src, dst, keep)))
-    if int8:
-        windows = calibration_windows(rate, window, calibration_windows_count)
-        plans.append(("model.int8.onnx", lambda dst, keep: write_static_int8(layout_src, dst, windows, keep)))
+    layout_src = bundle / ".model.layout.onnx"  # model.onnx after the layout rewrites: every variant's input
     try:
+        started = time.time()
+        say("layout rewrites (pad 4 KiB-aliased GEMM widths with exact zeros)")
+        layout = write_layout_model(src, layout_src)
+        info = {**write_cpu_model(layout_src, bundle / "model.cpu.onnx", say=say), "layout": layout}
+        say("fp32 gate of model.cpu.onnx against model.onnx")
+        figures = fp32_compare(ort_runner(bundle / "model.cpu.onnx", names, threads), cached_reference, cases,
+                               names)
+        entry = {"precision": "fp32", "parity": figures["passed"], "figures": figures["worst"], **info,
+                 "seconds": round(time.time() - started, 1)}
+        summary["model.cpu.onnx"] = {**entry, "comparisons": figures["comparisons"]}
+        variants["model.cpu.onnx"] = entry
+        _keep_or_drop(bundle, "model.cpu.onnx", figures["passed"], keep_failed, written)
+
+        plans = []
+        if int8 and dynamic:
+            plans.append(("model.int8dyn.onnx", lambda dst, keep: write_dynamic_int8(layout_src, dst, keep)))
+        if int8:
+            windows = calibration_windows(rate, window, calibration_windows_count)
+            plans.append(("model.int8.onnx", lambda dst, keep: write_static_int8(layout_src, dst, windows, keep)))
+        down_projections = None  # the fallback's fp32 nodes, found once when first needed
         for name, write in plans:
             started = time.time()
-            attempts = [list(keep_fp32 or [])]
-            if not keep_fp32:  # the fallback when everything in int8 fails: the FFN down-projections in fp32
-                attempts.append(ffn_down_projections(onnx.load(str(layout_src), load_external_data=False)))
-            tried = []
-            for keep in attempts:
+            keep, tried = list(keep_fp32 or []), []
+            while True:
                 say(f"writing {name}" + (f" ({len(keep)} nodes kept fp32)" if keep else ""))
                 info = write(bundle / name, keep)
                 say(f"reduced-precision gate of {name}")
                 report = run_reduced_gate(name, ort_runner(bundle / name, names, threads), references, cases,
                                           token_cosine=LOWP_TOKEN_COSINE, progress=say)
                 gate = gate_summary(report)
-                if report.passed or keep is attempts[-1]:
+                if report.passed or keep_fp32 or tried:  # one retry, and only without the caller's own list
                     break
                 tried.append({"fp32_nodes_kept": len(keep), "figures": gate})
-                say(f"{name} failed its gate with {len(keep)} fp32 nodes; retrying with the feed-forward "
-                    f"down-projections in fp32")
+                say(f"{name} failed its gate; retrying with the feed-forward down-projections in fp32")
+                if down_projections is None:
+                    down_projections = ffn_down_projections(onnx.load(str(layout_src), load_external_data=False))
+                keep = down_projections
             entry = {"precision": "int8", "parity": report.passed, "figures": gate, **info,
                      "seconds": round(time.time() - started, 1)}
             if tried:

@@ -243,7 +243,6 @@ def run_bench(
     for target in targets:
         target.runner.close()
     say("fp32 GEMM peak (after)")
-    time.sleep(0.2)  # let the sessions' spinning pool threads go idle, or they lower the measured peak
     gemm_after = gemm_gflops(threads)
     peaks = [g["gflops"] for g in (gemm_before, gemm_after) if g["gflops"]]
     peak = max(peaks) if peaks else None
