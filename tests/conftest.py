@@ -79,6 +79,31 @@ def make_checkpoint(fixtures_dir: Path, tmp_path_factory):
     return make
 
 
+# make_checkpoint.py's EAT sin-cos position table comes from numpy's float32 sin / cos, whose result
+# depends on the SIMD path numpy picks: the goldens were made where numpy used its AVX-512 (SVML) code;
+# on an AVX2-only CPU (Zen 3, CI) the table differs in 323 128 of its 4.7 M entries, each by exactly
+# 1 ulp (<= 6e-8), every other tensor is bit-identical, so the file's sha256 differs. These are the
+# other files known to be the golden checkpoint up to that rounding (the outputs move by ~1e-7, far
+# inside the golden tolerances); any other hash still fails.
+GOLDEN_WEIGHTS_SIMD_VARIANTS = {
+    ("eat", "ad8ec4932fcbb1f44c5e1a5eeb9bc76e926b22deedda0daf147f80d9cf229bc8"): {
+        "1f24b59ccd87f1b89935d5e3b10d68135ebedb492f0e9fb4d7885bf37a7e824a": "numpy AVX2 float32 sin/cos",
+    },
+}
+
+
+def _golden_weight_hashes(name: str, entry: dict) -> set[str]:
+    """The sha256 values accepted as index.json's checkpoint for model `name`."""
+    variants = GOLDEN_WEIGHTS_SIMD_VARIANTS.get((name, entry["weights_sha256"]), {})
+    return {entry["weights_sha256"], *variants}
+
+
+@pytest.fixture(scope="session")
+def golden_weight_hashes():
+    """golden_weight_hashes(name, index_entry) -> the sha256 values accepted as that golden checkpoint."""
+    return _golden_weight_hashes
+
+
 @pytest.fixture(scope="session")
 def golden_checkpoints(golden_index: dict, make_checkpoint) -> dict[str, Path]:
     """index.json model name ("beats", "eat") -> folder with its seed checkpoint, sha256 verified."""
@@ -86,8 +111,11 @@ def golden_checkpoints(golden_index: dict, make_checkpoint) -> dict[str, Path]:
     for name, entry in golden_index["models"].items():
         folder = make_checkpoint(entry["arch"], entry["seed"], entry.get("num_classes"))
         weights = folder / entry["weights_file"]
-        assert sha256_of(weights) == entry["weights_sha256"], (
-            f"{weights} is not the checkpoint the golden outputs were made from (make_checkpoint.py changed?)"
+        digest = sha256_of(weights)
+        assert digest in _golden_weight_hashes(name, entry), (
+            f"{weights} (sha256 {digest}) is not the checkpoint the golden outputs were made from "
+            "(make_checkpoint.py changed, or numpy rounds its sin/cos differently on this CPU: see "
+            "GOLDEN_WEIGHTS_SIMD_VARIANTS)"
         )
         folders[name] = folder
     return folders
