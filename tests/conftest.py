@@ -79,12 +79,13 @@ def make_checkpoint(fixtures_dir: Path, tmp_path_factory):
     return make
 
 
-# make_checkpoint.py's EAT sin-cos position table comes from numpy's float32 sin / cos, whose result
-# depends on the SIMD path numpy picks: the goldens were made where numpy used its AVX-512 (SVML) code;
-# on an AVX2-only CPU (Zen 3, CI) the table differs in 323 128 of its 4.7 M entries, each by exactly
-# 1 ulp (<= 6e-8), every other tensor is bit-identical, so the file's sha256 differs. These are the
-# other files known to be the golden checkpoint up to that rounding (the outputs move by ~1e-7, far
-# inside the golden tolerances); any other hash still fails.
+# make_checkpoint.py's EAT sin-cos position table comes from numpy's float32 sin / cos, whose last bit
+# depends on the SIMD path numpy picks (its AVX-512 SVML code where the goldens were made, its own AVX2
+# code on Zen 3, where CI runs now). Every other tensor comes from the seeded RNG and plain IEEE
+# arithmetic: the BEATs file, made the same way without sin / cos, matches its golden hash on both.
+# On AVX2 the table is within 1 ulp (<= 6e-8) of the correctly rounded values, so the outputs move by
+# ~1e-7, far inside the golden tolerances. These are the hashes known to be the golden checkpoint up to
+# that rounding; any other hash still fails.
 GOLDEN_WEIGHTS_SIMD_VARIANTS = {
     ("eat", "ad8ec4932fcbb1f44c5e1a5eeb9bc76e926b22deedda0daf147f80d9cf229bc8"): {
         "1f24b59ccd87f1b89935d5e3b10d68135ebedb492f0e9fb4d7885bf37a7e824a": "numpy AVX2 float32 sin/cos",
