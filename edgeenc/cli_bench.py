@@ -46,6 +46,8 @@ def optimize(
     keep_fp32: list[str] = typer.Option([], "--keep-fp32", help="node name to keep fp32 in int8 (repeatable)"),
     keep_failed: bool = typer.Option(False, "--keep-failed", help="keep variant files that fail their gate"),
     threads: int | None = typer.Option(None, help="CPU threads for the checks"),
+    int8_weights: str = typer.Option("auto", help="auto (s8 where this CPU has VNNI or is ARM, u8 on other x86 "
+                                                   "CPUs, whose u8 x s8 kernel saturates), s8 or u8"),
 ) -> None:
     """Write model.cpu.onnx (fused fp32) and int8 variants; only those passing their gate are listed."""
     from edgeenc.export.bundle import BundleError
@@ -53,8 +55,9 @@ def optimize(
 
     try:
         summary = optimize_bundle(bundle, int8=int8, dynamic=dynamic, keep_fp32=keep_fp32, keep_failed=keep_failed,
-                                  threads=threads, progress=lambda m: typer.echo(m, err=True))
-    except BundleError as exc:
+                                  threads=threads, int8_weights=int8_weights,
+                                  progress=lambda m: typer.echo(m, err=True))
+    except (BundleError, ValueError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from None
     for name, entry in summary.items():

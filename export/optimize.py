@@ -9,6 +9,9 @@
   understand it).
 - model.int8dyn.onnx: dynamic int8 (weights per channel, activations quantised at run time), a
   baseline.
+- int8 weights are s8 where this CPU multiplies u8 x s8 exactly (VNNI, ARM) and u8 on x86 CPUs without
+  VNNI, where ONNX Runtime's u8 x s8 kernel saturates (runtime/isa.py); the manifest records which, and
+  the runtime refuses an s8 file on a CPU that would saturate it.
 - model.int8.onnx: static int8 (QDQ, weights per channel, activations calibrated on windows of the
   bundled real recording), the front end (everything before the first Conv) and any layer listed
   in `keep_fp32` stay fp32.
@@ -166,8 +169,14 @@ def ffn_down_projections(model: onnx.ModelProto) -> list[str]:
     return [name for name, (k, _n) in weighted if k == widest]
 
 
-def write_dynamic_int8(src: Path, dst: Path, keep_fp32: list[str]) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _weight_quant_type(weights: str):
+    from onnxruntime.quantization import QuantType
+
+    return {"s8": QuantType.QInt8, "u8": QuantType.QUInt8}[weights]
+
+
+def write_dynamic_int8(src: Path, dst: Path, keep_fp32: list[str], weights: str = "s8") -> dict:
+    from onnxruntime.quantization import quantize_dynamic
 
     model = ensure_names(onnx.load(str(src)))
     named = dst.with_suffix(".named.onnx")
@@ -175,13 +184,14 @@ def write_dynamic_int8(src: Path, dst: Path, keep_fp32: list[str]) -> dict:
     skip = set(front_end_nodes(model)) | set(keep_fp32)
     nodes = weight_matmuls(model, skip)
     try:
-        quantize_dynamic(str(named), str(dst), per_channel=True, weight_type=QuantType.QInt8,
+        quantize_dynamic(str(named), str(dst), per_channel=True, weight_type=_weight_quant_type(weights),
                          op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes,
                          extra_options={"MatMulConstBOnly": True})
     finally:
         named.unlink(missing_ok=True)
-    return {"tool": "onnxruntime.quantization.quantize_dynamic (per-channel QInt8 weights, MatMul/Gemm with "
-                    "constant weights only)", "quantized_nodes": len(nodes), "fp32_nodes_kept": sorted(set(keep_fp32)),
+    return {"tool": f"onnxruntime.quantization.quantize_dynamic (per-channel {weights} weights, MatMul/Gemm with "
+                    "constant weights only)", "weights": weights, "activations": "u8",
+            "quantized_nodes": len(nodes), "fp32_nodes_kept": sorted(set(keep_fp32)),
             "fp32_front_end_nodes": len(front_end_nodes(model))}
 
 
@@ -194,7 +204,7 @@ class _Reader:
 
 
 def write_static_int8(src: Path, dst: Path, windows: list[np.ndarray], keep_fp32: list[str],
-                      method: str = "minmax") -> dict:
+                      method: str = "minmax", weights: str = "s8") -> dict:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = ensure_names(onnx.load(str(src)))
@@ -206,13 +216,14 @@ def write_static_int8(src: Path, dst: Path, windows: list[np.ndarray], keep_fp32
              "entropy": CalibrationMethod.Entropy}[method]
     try:
         quantize_static(str(named), str(dst), _Reader(windows), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        activation_type=QuantType.QUInt8, weight_type=_weight_quant_type(weights),
                         op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes, calibrate_method=calib,
                         extra_options={"MatMulConstBOnly": True, "CalibMovingAverage": method == "minmax"})
     finally:
         named.unlink(missing_ok=True)
-    return {"tool": f"onnxruntime.quantization.quantize_static (QDQ, per-channel QInt8 weights, QUInt8 activations, "
+    return {"tool": f"onnxruntime.quantization.quantize_static (QDQ, per-channel {weights} weights, u8 activations, "
                     f"{method} calibration on {len(windows)} windows of the bundled recording)",
+            "weights": weights, "activations": "u8",
             "quantized_nodes": len(nodes), "fp32_nodes_kept": sorted(set(keep_fp32)),
             "fp32_front_end_nodes": len(front_end_nodes(model))}
 
@@ -251,10 +262,17 @@ def optimize_bundle(
     keep_failed: bool = False,
     quick: bool = False,
     threads: int | None = None,
+    int8_weights: str = "auto",
     progress: Progress | None = None,
 ) -> dict:
-    """Write the CPU variants into `bundle`, gate each, record them in the manifest. Returns the summary."""
+    """Write the CPU variants into `bundle`, gate each, record them in the manifest. Returns the summary.
+
+    `int8_weights`: "auto" (s8 where this CPU multiplies u8 x s8 without saturation, else u8), "s8" or "u8".
+    """
+    from ..runtime.isa import cpu_summary, int8_weight_type
+
     say = progress or (lambda _m: None)
+    weights, weights_why = int8_weight_type(int8_weights)
     bundle = Path(bundle)
     manifest = bundle_io.read_manifest(bundle)
     names = [o["name"] for o in manifest["outputs"]]
@@ -292,16 +310,19 @@ def optimize_bundle(
 
         plans = []
         if int8 and dynamic:
-            plans.append(("model.int8dyn.onnx", lambda dst, keep: write_dynamic_int8(layout_src, dst, keep)))
+            plans.append(("model.int8dyn.onnx",
+                          lambda dst, keep: write_dynamic_int8(layout_src, dst, keep, weights=weights)))
         if int8:
             windows = calibration_windows(rate, window, calibration_windows_count)
-            plans.append(("model.int8.onnx", lambda dst, keep: write_static_int8(layout_src, dst, windows, keep)))
+            plans.append(("model.int8.onnx",
+                          lambda dst, keep: write_static_int8(layout_src, dst, windows, keep, weights=weights)))
         down_projections = None  # the fallback's fp32 nodes, found once when first needed
         for name, write in plans:
             started = time.time()
             keep, tried = list(keep_fp32 or []), []
             while True:
-                say(f"writing {name}" + (f" ({len(keep)} nodes kept fp32)" if keep else ""))
+                say(f"writing {name} ({weights} weights: {weights_why})" + (f", {len(keep)} nodes kept fp32" if keep
+                                                                            else ""))
                 info = write(bundle / name, keep)
                 say(f"reduced-precision gate of {name}")
                 report = run_reduced_gate(name, ort_runner(bundle / name, names, threads), references, cases,
@@ -314,7 +335,8 @@ def optimize_bundle(
                 if down_projections is None:
                     down_projections = ffn_down_projections(onnx.load(str(layout_src), load_external_data=False))
                 keep = down_projections
-            entry = {"precision": "int8", "parity": report.passed, "figures": gate, **info,
+            entry = {"precision": "int8", "parity": report.passed, "figures": gate, **info, "weights_why": weights_why,
+                     "gated_on": cpu_summary(),
                      "seconds": round(time.time() - started, 1)}
             if tried:
                 entry["failed_attempts"] = tried

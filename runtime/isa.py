@@ -1,0 +1,90 @@
+"""What this CPU's instruction set means for ONNX Runtime's int8 kernels (no torch, no onnxruntime).
+
+ONNX Runtime (MLAS) multiplies u8 activations by s8 weights on x86 with `vpmaddubsw` unless the CPU has
+VNNI (AVX512-VNNI, AVX-VNNI or AMX): that instruction adds two u8 x s8 products into a *saturating*
+int16, and 255 x 127 x 2 overflows it. On such CPUs (AVX2-only: Zen 1-3, Haswell to Skylake; AVX-512
+without VNNI: Skylake-X) a model with s8 weights silently loses accuracy — measured on BEATs, Zen 3:
+mean-centred embedding cosine 0.982 against 0.996 for the same file on a Zen 4 with VNNI. u8 weights
+take the u8 x u8 kernel, which widens to int16 first and does not saturate, on every CPU.
+ARM (NEON dot products, Jetson) has no such limit.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU feature flags of /proc/cpuinfo, or None where they cannot be read (not Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def is_x86(machine: str | None = None) -> bool:
+    return (machine if machine is not None else platform.machine()).lower() in X86_MACHINES
+
+
+def signed_int8_saturates(flags: set[str] | None = None, machine: str | None = None) -> bool:
+    """True where ONNX Runtime's u8 x s8 kernels saturate: x86 without VNNI (or x86 whose flags are unknown)."""
+    if not is_x86(machine):
+        return False
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return True  # cannot tell: assume the common case without VNNI
+    return not any(flag in flags for flag in VNNI_FLAGS)
+
+
+def int8_weight_type(requested: str = "auto", flags: set[str] | None = None, machine: str | None = None
+                     ) -> tuple[str, str]:
+    """("s8" or "u8", why) for int8 weights: s8 where this CPU multiplies u8 x s8 exactly, else u8."""
+    if requested not in ("auto", "s8", "u8"):
+        raise ValueError(f"int8 weights must be auto, s8 or u8, not {requested!r}")
+    if requested != "auto":
+        return requested, "asked for"
+    if signed_int8_saturates(flags, machine):
+        return "u8", ("this x86 CPU has no VNNI: ONNX Runtime's u8 x s8 kernel saturates int16 sums here, "
+                      "u8 x u8 does not")
+    return "s8", "this CPU multiplies u8 x s8 without saturation (VNNI or ARM)"
+
+
+def cpu_summary() -> dict:
+    """The CPU an int8 variant was gated on, as recorded in the manifest."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model"):
+                model = value.strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()
+    return {"machine": platform.machine(), "cpu_model": model or platform.processor() or None,
+            "vnni": None if flags is None else any(f in flags for f in VNNI_FLAGS),
+            "signed_int8_saturates": signed_int8_saturates(flags)}
+
+
+def check_int8_variant(name: str, entry: dict) -> None:
+    """Raise RuntimeError when `entry` (a manifest variant) has s8 weights and this CPU would saturate them.
+
+    Entries written before the weight type was recorded had s8 weights.
+    """
+    if entry.get("precision") != "int8" or entry.get("weights", "s8") != "s8" or not signed_int8_saturates():
+        return
+    gated = (entry.get("gated_on") or {}).get("cpu_model") or "another CPU"
+    raise RuntimeError(
+        f"{name} has s8 weights (gated on {gated}); this x86 CPU has no VNNI, so ONNX Runtime's u8 x s8 kernel "
+        "saturates and the variant's gate figures do not hold here. Run `edgeenc optimize BUNDLE` on this machine "
+        "(it writes u8 weights), or use the fp32 model"
+    )
