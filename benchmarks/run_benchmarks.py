@@ -8,8 +8,8 @@ targets are loaded, warmed up, then timed round-robin (one run each per round) s
 the machine hits all of them alike, with a short idle gap before each run (--gap) so that a
 target's spinning worker threads (ONNX Runtime's, OpenMP's) do not take the next one's cores; the
 numpy fp32 GEMM peak is measured between rounds in the same run (best of all measurements). Writes
-benchmarks/results.json, benchmarks/speed_vs_quality.png and benchmarks/tables.md (the tables of
-benchmarks/README.md; `--tables results.json` prints them again).
+results.json, speed_vs_quality.png and tables.md (the tables of benchmarks/README.md; `--tables
+results.json` prints them again) into --out (one folder per machine under benchmarks/).
 
 Targets: PyTorch eager (our model, the fixture checkpoint from shared/fixtures/make_checkpoint.py
 --arch beats --seed 0), ONNX Runtime on model.onnx, model.cpu.onnx and every int8 variant written by
@@ -266,6 +266,9 @@ def markdown_tables(results: dict) -> str:
                 else:
                     tok, cen = q.get("min_token_cosine", nan), q.get("min_centred_embedding_cosine", nan)
                     gate = ("pass" if r.get("gate_passed") else "FAIL") + f" {tok:.5f} / {cen:.4f}"
+                    weights = (results.get("variants") or {}).get(name.split(" ", 1)[-1], {}).get("weights")
+                    if weights:
+                        gate += f" ({weights} weights)"
             lines.append(f"| {t} | {label} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['rtf']:.1f} | {x} | {gf} | "
                          f"{pct} | {gate} |")
         lines.append(f"| {t} | *GEMM peak (numpy fp32, same run)* | | | | | {block['gemm_peak_gflops']:.0f} | 100 | |")
