@@ -117,7 +117,7 @@ def _progress_printer():
 def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     """Print a bundle's manifest and verify the hash of every file."""
     from edgeenc.export.bundle import BundleError, read_manifest, verify_bundle
-    from edgeenc.runtime.isa import check_int8_variant
+    from edgeenc.runtime.isa import int8_variant_problem
 
     try:
         manifest = read_manifest(bundle)
@@ -138,11 +138,8 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
         if entry.get("written") is False:
             state = "not written: " + str(entry.get("why") or entry.get("reason") or "unsupported here")[:100]
         weights = f", {entry['weights']} weights" if entry.get("weights") else ""
-        if entry.get("parity"):
-            try:
-                check_int8_variant(name, entry)
-            except RuntimeError:
-                state += " - NOT usable on this CPU (s8 weights saturate without VNNI: re-run `edgeenc optimize` here)"
+        if entry.get("parity") and int8_variant_problem(name, entry):
+            state += " - NOT usable on this CPU (s8 weights saturate without VNNI: re-run `edgeenc optimize` here)"
         typer.echo(f"{'variant':18} {name} ({entry.get('precision')}{weights}): {state}")
     engines = sorted((bundle / "engines").glob("*.json")) if (bundle / "engines").is_dir() else []
     for sidecar in engines:

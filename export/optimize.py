@@ -321,8 +321,8 @@ def optimize_bundle(
             started = time.time()
             keep, tried = list(keep_fp32 or []), []
             while True:
-                say(f"writing {name} ({weights} weights: {weights_why})" + (f", {len(keep)} nodes kept fp32" if keep
-                                                                            else ""))
+                kept = f", {len(keep)} nodes kept fp32" if keep else ""
+                say(f"writing {name} ({weights} weights: {weights_why}{kept})")
                 info = write(bundle / name, keep)
                 say(f"reduced-precision gate of {name}")
                 report = run_reduced_gate(name, ort_runner(bundle / name, names, threads), references, cases,

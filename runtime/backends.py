@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .isa import check_int8_variant
+from .isa import int8_variant_problem
 
 log = logging.getLogger("edgeenc.runtime")
 
@@ -112,11 +112,9 @@ def cpu_model(bundle: Path, manifest: dict, variant: str | None = None) -> Path:
                 f"variant {variant!r} ({name}) {why}; offered: fp32{''.join(', ' + v for v in offered)} "
                 f"(`edgeenc optimize {bundle}` writes the CPU variants)"
             )
-        if entry:
-            try:
-                check_int8_variant(name, entry)
-            except RuntimeError as exc:
-                raise BackendUnavailable(str(exc).replace("BUNDLE", str(bundle))) from None
+        problem = int8_variant_problem(name, entry, bundle) if entry else None
+        if problem:
+            raise BackendUnavailable(problem)
         return bundle / name
     entry = variants.get("model.cpu.onnx")
     if entry and entry.get("parity") and (bundle / "model.cpu.onnx").is_file():

@@ -24,7 +24,7 @@ import numpy as np
 from edgeenc.export.bundle import read_manifest
 
 from .backends import BackendUnavailable, OrtBackend, select_backend
-from .isa import check_int8_variant
+from .isa import int8_variant_problem
 from .limits import count_flops, gemm_gflops, machine_info, thread_env
 
 # ---------------------------------------------------------------------------------------------- audio
@@ -161,10 +161,9 @@ def load_target(bundle, manifest: dict, backend: str, variant: str, threads: int
     names = [n for n in output_names(manifest) if n in ("embedding", "logits")]
     precision = (manifest.get("variants") or {}).get(variant, {}).get("precision", "fp32")
     if backend == "cpu":
-        try:
-            check_int8_variant(variant, (manifest.get("variants") or {}).get(variant, {}))
-        except RuntimeError as exc:
-            raise BackendUnavailable(str(exc).replace("BUNDLE", str(bundle))) from None
+        problem = int8_variant_problem(variant, (manifest.get("variants") or {}).get(variant, {}), bundle)
+        if problem:
+            raise BackendUnavailable(problem)
         runner = OrtBackend(bundle / variant, names, provider="CPUExecutionProvider", threads=threads)
     else:
         runner, _ = select_backend(bundle, manifest, names, backend, threads)

@@ -4,7 +4,7 @@ ONNX Runtime (MLAS) multiplies u8 activations by s8 weights on x86 with `vpmaddu
 VNNI (AVX512-VNNI, AVX-VNNI or AMX): that instruction adds two u8 x s8 products into a *saturating*
 int16, and 255 x 127 x 2 overflows it. On such CPUs (AVX2-only: Zen 1-3, Haswell to Skylake; AVX-512
 without VNNI: Skylake-X) a model with s8 weights silently loses accuracy — measured on BEATs, Zen 3:
-mean-centred embedding cosine 0.982 against 0.996 for the same file on a Zen 4 with VNNI. u8 weights
+mean-centred embedding cosine 0.982 with s8 weights, 0.9965 with u8 (benchmarks/int8_weights.py). u8 weights
 take the u8 x u8 kernel, which widens to int16 first and does not saturate, on every CPU.
 ARM (NEON dot products, Jetson) has no such limit.
 """
@@ -18,17 +18,26 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def cpu_flags() -> set[str] | None:
-    """The CPU feature flags of /proc/cpuinfo, or None where they cannot be read (not Linux)."""
+def _cpuinfo() -> tuple[str | None, set[str] | None]:
+    """(model name, feature flags) from /proc/cpuinfo; None for what cannot be read (not Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None
+        return None, None
+    model, flags = None, None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return None
+        key = key.strip()
+        if key in ("model name", "Model") and model is None:
+            model = value.strip()
+        elif key in ("flags", "Features") and flags is None:
+            flags = set(value.split())
+    return model, flags
+
+
+def cpu_flags() -> set[str] | None:
+    """The CPU feature flags of /proc/cpuinfo, or None where they cannot be read (not Linux)."""
+    return _cpuinfo()[1]
 
 
 def is_x86(machine: str | None = None) -> bool:
@@ -60,31 +69,20 @@ def int8_weight_type(requested: str = "auto", flags: set[str] | None = None, mac
 
 def cpu_summary() -> dict:
     """The CPU an int8 variant was gated on, as recorded in the manifest."""
-    model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model"):
-                model = value.strip()
-                break
-    except OSError:
-        pass
-    flags = cpu_flags()
+    model, flags = _cpuinfo()[0], cpu_flags()  # flags through cpu_flags(), the one seam for flags
     return {"machine": platform.machine(), "cpu_model": model or platform.processor() or None,
             "vnni": None if flags is None else any(f in flags for f in VNNI_FLAGS),
             "signed_int8_saturates": signed_int8_saturates(flags)}
 
 
-def check_int8_variant(name: str, entry: dict) -> None:
-    """Raise RuntimeError when `entry` (a manifest variant) has s8 weights and this CPU would saturate them.
+def int8_variant_problem(name: str, entry: dict, bundle: Path | str = "BUNDLE") -> str | None:
+    """Why `entry` (a manifest variant) must not run on this CPU, or None: s8 weights where they saturate.
 
     Entries written before the weight type was recorded had s8 weights.
     """
     if entry.get("precision") != "int8" or entry.get("weights", "s8") != "s8" or not signed_int8_saturates():
-        return
+        return None
     gated = (entry.get("gated_on") or {}).get("cpu_model") or "another CPU"
-    raise RuntimeError(
-        f"{name} has s8 weights (gated on {gated}); this x86 CPU has no VNNI, so ONNX Runtime's u8 x s8 kernel "
-        "saturates and the variant's gate figures do not hold here. Run `edgeenc optimize BUNDLE` on this machine "
-        "(it writes u8 weights), or use the fp32 model"
-    )
+    return (f"{name} has s8 weights (gated on {gated}); this x86 CPU has no VNNI, so ONNX Runtime's u8 x s8 kernel "
+            f"saturates and the variant's gate figures do not hold here. Run `edgeenc optimize {bundle}` on this "
+            "machine (it writes u8 weights), or use the fp32 model")
