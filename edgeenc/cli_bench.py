@@ -50,20 +50,31 @@ def optimize(
     threads: int | None = typer.Option(None, help="CPU threads for the checks"),
     int8_weights: str = typer.Option("auto", help="auto (s8 where this CPU has VNNI or is ARM, u8 on other x86 "
                                                    "CPUs, whose u8 x s8 kernel saturates), s8 or u8"),
+    openvino: bool = typer.Option(True, "--openvino/--no-openvino", help="also gate OpenVINO fp32 and bf16 "
+                                                                          "(bf16 only where the CPU has it)"),
+    pick: bool = typer.Option(True, "--pick/--no-pick", help="time every variant valid here and record the "
+                                                              "fastest as the bundle's CPU default"),
+    timing_runs: int = typer.Option(5, help="interleaved timed runs per variant for --pick"),
 ) -> None:
-    """Write model.cpu.onnx (fused fp32) and int8 variants; only those passing their gate are listed."""
+    """Write model.cpu.onnx (fused fp32), int8 and OpenVINO variants, gate each, record the fastest valid one."""
     from edgeenc.export.optimize import optimize_bundle
     from edgeenc.runtime.bundle import BundleError
 
     try:
         summary = optimize_bundle(bundle, int8=int8, dynamic=dynamic, keep_fp32=keep_fp32, keep_failed=keep_failed,
-                                  threads=threads, int8_weights=int8_weights,
-                                  progress=note)
+                                  threads=threads, int8_weights=int8_weights, openvino=openvino, pick=pick,
+                                  timing_runs=timing_runs, progress=note)
     except (BundleError, ValueError) as exc:
         err(str(exc))
         raise typer.Exit(2) from None
+    choice = summary.pop("cpu_default", None)
     for name, entry in summary.items():
         status = "PASS" if entry.get("parity") else ("not written" if entry.get("written") is False else "FAIL")
         typer.echo(f"{name}: {status} {entry.get('figures') or entry.get('reason', '')}")
+    if choice:
+        for row in choice["ranking"]:
+            typer.echo(f"timed {row['variant']:22} {row['p50_ms']:9.2f} ms p50  ({row['description']})")
+        typer.echo(f"CPU default: {choice['variant']} ({choice['engine']} {choice['precision']}, "
+                   f"{choice['speedup_vs_model_onnx']:.2f}x model.onnx on ONNX Runtime)")
     if not summary["model.cpu.onnx"]["parity"]:
         raise typer.Exit(EXIT_PARITY_FAILED)

@@ -51,13 +51,14 @@ def expand_audio(paths: list[Path]) -> list[Path]:
     return found
 
 
-def open_encoder(bundle: Path, device: str, threads: int | None, variant: str | None = None):
+def open_encoder(bundle: Path, device: str, threads: int | None, variant: str | None = None,
+                 engine: str | None = None):
     from edgeenc.runtime.backend_protocol import BackendUnavailable
     from edgeenc.runtime.bundle import BundleError
     from edgeenc.runtime.encoder import Encoder
 
     try:
-        encoder = Encoder.load(bundle, device, threads=threads, variant=variant)
+        encoder = Encoder.load(bundle, device, threads=threads, variant=variant, engine=engine)
     except (BundleError, BackendUnavailable, ValueError) as exc:
         err(str(exc))
         raise typer.Exit(2) from None
@@ -114,7 +115,10 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, trt, cuda or cpu")]
 BatchOpt = Annotated[int, typer.Option(help="windows per inference batch")]
 ChannelOpt = Annotated[int | None, typer.Option(help="use this channel (0-based) instead of the mean")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime")]
-VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. int8dyn (see `edgeenc info`)")]
+VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. int8dyn, or bf16 with --engine "
+                                                    "openvino (see `edgeenc info`; default: the bundle's timed one)")]
+EngineOpt = Annotated[str | None, typer.Option(help="CPU engine: onnxruntime or openvino (default: the bundle's timed "
+                                                   "CPU default)")]
 
 
 def window_options(window, hop, last, batch, channel) -> dict:

@@ -12,6 +12,7 @@ from edgeenc.cli_common import (
     BatchOpt,
     ChannelOpt,
     DeviceOpt,
+    EngineOpt,
     HopOpt,
     LastOpt,
     ThreadsOpt,
@@ -29,7 +30,7 @@ from edgeenc.cli_common import (
 def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     """Print a bundle's manifest and verify the hash of every file."""
     from edgeenc.runtime.bundle import BundleError, read_manifest, verify_bundle
-    from edgeenc.runtime.isa import int8_variant_problem
+    from edgeenc.runtime.isa import bf16_variant_problem, int8_variant_problem
 
     try:
         manifest = read_manifest(bundle)
@@ -52,7 +53,14 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
         weights = f", {entry['weights']} weights" if entry.get("weights") else ""
         if entry.get("parity") and int8_variant_problem(name, entry):
             state += " - NOT usable on this CPU (s8 weights saturate without VNNI: re-run `edgeenc optimize` here)"
+        if entry.get("parity") and bf16_variant_problem(name, entry):
+            state += " - NOT usable on this CPU (no bf16 instructions: re-run `edgeenc optimize` here)"
         typer.echo(f"{'variant':18} {name} ({entry.get('precision')}{weights}): {state}")
+    choice = manifest.get("cpu_default")
+    if choice:
+        typer.echo(f"{'cpu default':18} {choice['variant']} ({choice['engine']} {choice['precision']}, "
+                   f"{choice['p50_ms']:.1f} ms per window on {(choice.get('timed_on') or {}).get('cpu_model')}, "
+                   f"{choice.get('threads')} threads; ranking: {', '.join(r['variant'] for r in choice['ranking'])})")
     engines = sorted((bundle / "engines").glob("*.json")) if (bundle / "engines").is_dir() else []
     for sidecar in engines:
         try:
@@ -114,6 +122,7 @@ def embed(
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
@@ -121,7 +130,7 @@ def embed(
     from edgeenc.runtime.writers import WriterError, write_embeddings
 
     files = audio_files(audio)
-    encoder = open_encoder(bundle, device, threads, variant)
+    encoder = open_encoder(bundle, device, threads, variant, engine)
     results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
     dim = encoder.embedding_dim
     try:
@@ -154,13 +163,14 @@ def classify(
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
+    engine: EngineOpt = None,
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
     from edgeenc.runtime.writers import WriterError, write_classifications
 
     files = audio_files(audio)
-    encoder = open_encoder(bundle, device, threads, variant)
+    encoder = open_encoder(bundle, device, threads, variant, engine)
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)

@@ -15,8 +15,10 @@
 - model.int8.onnx: static int8 (QDQ, weights per channel, activations calibrated on windows of the
   bundled real recording), the front end (everything before the first Conv) and any layer listed
   in `keep_fp32` stay fp32.
-- bf16: not written; ONNX Runtime's CPU provider has no bf16 MatMul kernel (checked at run time and
-  recorded in the manifest).
+- bf16: no ONNX Runtime file; its CPU provider has no bf16 MatMul kernel (checked at run time and
+  recorded in the manifest). OpenVINO runs model.onnx in bf16 instead ("openvino:bf16", with
+  "openvino:fp32" beside it: export/engine_choice.py), which then times every variant and records
+  the fastest valid one as manifest["cpu_default"].
 
 When an int8 variant fails its gate and no --keep-fp32 was given, it is written once more with each
 block's feed-forward down-projection (fc2, the weight MatMuls with the widest K) in fp32 and gated
@@ -39,6 +41,7 @@ import onnx
 
 from edgeenc.runtime import bundle as bundle_io
 
+from .engine_choice import openvino_variants, pick_cpu_default
 from .layout import cpu_layout
 from .parity import (
     FP32_COSINE_GAP,
@@ -264,11 +267,17 @@ def optimize_bundle(
     quick: bool = False,
     threads: int | None = None,
     int8_weights: str = "auto",
+    openvino: bool = True,
+    pick: bool = True,
+    timing_runs: int = 5,
     progress: Progress | None = None,
 ) -> dict:
     """Write the CPU variants into `bundle`, gate each, record them in the manifest. Returns the summary.
 
     `int8_weights`: "auto" (s8 where this CPU multiplies u8 x s8 without saturation, else u8), "s8" or "u8".
+    `openvino`: also gate OpenVINO fp32 / bf16 (export/engine_choice.py; skipped with the reason when
+    OpenVINO is not installed). `pick`: time every variant valid here (`timing_runs` interleaved runs) and
+    write the fastest as manifest["cpu_default"] (summary["cpu_default"]).
     """
     from ..runtime.isa import cpu_summary, int8_weight_type
 
@@ -351,6 +360,10 @@ def optimize_bundle(
     variants["model.bf16.onnx"] = {"precision": "bf16", "parity": False, "written": False,
                                    "figures": None, "reason": why if not ok else "not attempted"}
     summary["model.bf16.onnx"] = variants["model.bf16.onnx"]
+    if openvino:
+        engines = openvino_variants(bundle, names, cases, references, threads, fp32_compare, gate_summary, say)
+        variants.update(engines)
+        summary.update(engines)
 
     manifest = bundle_io.read_manifest(bundle)
     for stale in ("model.cpu.onnx", "model.int8.onnx", "model.int8dyn.onnx"):
@@ -358,9 +371,12 @@ def optimize_bundle(
             manifest["files"].pop(stale, None)
     bundle_io.write_json_atomic(bundle / bundle_io.MANIFEST, manifest)
     merged = {**(manifest.get("variants") or {}), **variants}
-    bundle_io.add_files_to_manifest(bundle, written, variants=merged,
-                                    optimize={k: {kk: vv for kk, vv in v.items() if kk != "comparisons"}
-                                              for k, v in summary.items()})
+    manifest = bundle_io.add_files_to_manifest(bundle, written, variants=merged,
+                                               optimize={k: {kk: vv for kk, vv in v.items() if kk != "comparisons"}
+                                                         for k, v in summary.items()})
+    if pick:
+        summary["cpu_default"] = pick_cpu_default(bundle, manifest, threads=threads, runs=timing_runs, say=say)
+        bundle_io.add_files_to_manifest(bundle, [], cpu_default=summary["cpu_default"])
     return summary
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend_protocol import Backend, BackendUnavailable
-from .isa import int8_variant_problem
+from .cpu_choice import plan_cpu
 
 log = logging.getLogger("edgeenc.runtime")
 
@@ -79,34 +79,6 @@ class OrtBackend:
 
     def close(self) -> None:
         self.session = None
-
-
-def cpu_model(bundle: Path, manifest: dict, variant: str | None = None) -> Path:
-    """The ONNX file for ONNX Runtime: `variant` (e.g. "int8dyn" -> model.int8dyn.onnx) when asked for,
-    else model.cpu.onnx (ONNX Runtime-optimised fp32) when it passed, else model.onnx.
-
-    Only variants that passed their quality gate at export/optimize time are offered.
-    """
-    variants = manifest.get("variants") or {}
-    if variant:
-        name = "model.onnx" if variant == "fp32" else f"model.{variant}.onnx"
-        entry = variants.get(name)
-        offered = sorted(k[len("model.") : -len(".onnx")] for k, v in variants.items()
-                         if v.get("parity") and k != "model.onnx" and (bundle / k).is_file())
-        if name != "model.onnx" and (not entry or not entry.get("parity") or not (bundle / name).is_file()):
-            why = "did not pass its quality gate" if entry and not entry.get("parity") else "is not in this bundle"
-            raise BackendUnavailable(
-                f"variant {variant!r} ({name}) {why}; offered: fp32{''.join(', ' + v for v in offered)} "
-                f"(`edgeenc optimize {bundle}` writes the CPU variants)"
-            )
-        problem = int8_variant_problem(name, entry, bundle) if entry else None
-        if problem:
-            raise BackendUnavailable(problem)
-        return bundle / name
-    entry = variants.get("model.cpu.onnx")
-    if entry and entry.get("parity") and (bundle / "model.cpu.onnx").is_file():
-        return bundle / "model.cpu.onnx"
-    return bundle / "model.onnx"
 
 
 def _try_trt(bundle: Path, manifest: dict, output_names: list[str]) -> Backend:
@@ -179,25 +151,30 @@ def select_backend(
     device: str = "auto",
     threads: int | None = None,
     variant: str | None = None,
+    engine: str | None = None,
 ) -> tuple[Backend, list[str]]:
-    """The backend to run and a log of why others were skipped. Explicit devices never fall back."""
+    """The backend to run and a log of why others were skipped. Explicit devices never fall back.
+
+    On the CPU, `engine` ("onnxruntime" or "openvino") and `variant` pick what runs; without them the
+    bundle's timed CPU default (runtime/cpu_choice.py) does.
+    """
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     bundle = Path(bundle)
     threads = threads or _default_threads()
+    notes: list[str] = []
     attempts = {
         "trt": lambda: _try_trt(bundle, manifest, output_names),
         "cuda": lambda: _try_cuda(bundle, output_names),
-        "cpu": lambda: OrtBackend(cpu_model(bundle, manifest, variant), output_names,
-                                  provider="CPUExecutionProvider", threads=threads),
+        "cpu": lambda: cpu_backend(bundle, manifest, output_names, threads, engine, variant, notes),
     }
     order = ["trt", "cuda", "cpu"] if device == "auto" else [device]
-    if variant and variant != "fp32":
-        # Reduced-precision ONNX variants are CPU (ONNX Runtime) files; engines carry their own precision.
+    if (variant and variant != "fp32") or engine:
+        # CPU variants and engines are CPU choices; GPU engines carry their own precision.
         if device not in ("auto", "cpu"):
-            raise BackendUnavailable(f"variant {variant!r} runs on --device cpu only")
+            raise BackendUnavailable(f"{'engine ' + repr(engine) if engine else 'variant ' + repr(variant)} "
+                                     "runs on --device cpu only")
         order = ["cpu"]
-    notes: list[str] = []
     for name in order:
         try:
             backend = attempts[name]()
@@ -211,6 +188,20 @@ def select_backend(
         log.info("running on %s: %s", backend.name, backend.description)
         return backend, notes
     raise BackendUnavailable("no backend could run this bundle:\n  " + "\n  ".join(notes))
+
+
+def cpu_backend(bundle: Path, manifest: dict, output_names: list[str], threads: int | None, engine: str | None,
+                variant: str | None, notes: list[str]) -> Backend:
+    """The CPU backend of `plan_cpu`'s choice; its notes (a fallback, a default timed elsewhere) go to `notes`."""
+    plan = plan_cpu(bundle, manifest, engine, variant)
+    for line in plan.notes:
+        notes.append(line)
+        log.warning("%s", line)
+    if plan.engine == "openvino":
+        from .openvino_backend import OpenVinoBackend
+
+        return OpenVinoBackend(bundle / plan.file, output_names, precision=plan.precision, threads=threads)
+    return OrtBackend(bundle / plan.file, output_names, provider="CPUExecutionProvider", threads=threads)
 
 
 def _default_threads() -> int | None:

@@ -113,10 +113,13 @@ class Encoder:
         threads: int | None = None,
         verify: bool = True,
         variant: str | None = None,
+        engine: str | None = None,
     ) -> Encoder:
         """Open a bundle folder (or a bare model.onnx with edgeenc metadata).
 
-        `variant` picks a gated reduced-precision CPU file, e.g. "int8dyn" for model.int8dyn.onnx.
+        `variant` picks a gated reduced-precision CPU file, e.g. "int8dyn" for model.int8dyn.onnx;
+        `engine` ("onnxruntime" or "openvino") the CPU engine (with `variant`: its "fp32" or "bf16").
+        Without them the CPU runs the bundle's timed default (`edgeenc optimize`).
         """
         path = Path(bundle_dir)
         if path.is_file() and path.suffix == ".onnx":
@@ -135,7 +138,7 @@ class Encoder:
             if labels is None:
                 labels = [f"class_{i}" for i in range(int(manifest["num_classes"]))]
         names = [o["name"] for o in manifest["outputs"] if o["name"] in ("embedding", "logits")]
-        backend, log = select_backend(bundle, manifest, names, device, threads, variant)
+        backend, log = select_backend(bundle, manifest, names, device, threads, variant, engine)
         return cls(bundle, manifest, backend, labels, log)
 
     @property

@@ -16,6 +16,9 @@ import platform
 from pathlib import Path
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# bf16 dot products in hardware (Zen 4/5, Cooper Lake, Sapphire Rapids and later). Without them OpenVINO
+# quietly runs a bf16 hint in fp32, so a bf16 variant's speed (and its label) would not hold.
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
@@ -73,7 +76,28 @@ def cpu_summary() -> dict:
     model, flags = _cpuinfo()[0], cpu_flags()  # flags through cpu_flags(), the one seam for flags
     return {"machine": platform.machine(), "cpu_model": model or platform.processor() or None,
             "vnni": None if flags is None else any(f in flags for f in VNNI_FLAGS),
-            "signed_int8_saturates": signed_int8_saturates(flags)}
+            "signed_int8_saturates": signed_int8_saturates(flags),
+            "bf16": None if flags is None else has_bf16(flags)}
+
+
+def has_bf16(flags: set[str] | None = None) -> bool:
+    """True where the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16); False where flags are unknown."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags) and any(flag in flags for flag in BF16_FLAGS)
+
+
+def bf16_variant_problem(name: str, entry: dict) -> str | None:
+    """Why a bf16 variant must not run on this CPU (no bf16 instructions), or None."""
+    if entry.get("precision") != "bf16" or has_bf16():
+        return None
+    gated = (entry.get("gated_on") or {}).get("cpu_model") or "another CPU"
+    return (f"{name} is bf16 (gated on {gated}); this CPU has none of {', '.join(BF16_FLAGS)}, so it would run "
+            "in emulation or fp32 and the variant's speed and gate figures do not hold here")
+
+
+def variant_problem(name: str, entry: dict, bundle: Path | str = "BUNDLE") -> str | None:
+    """Why a gated variant cannot run on this CPU (s8 weights that saturate, bf16 without bf16), or None."""
+    return int8_variant_problem(name, entry, bundle) or bf16_variant_problem(name, entry)
 
 
 def int8_variant_problem(name: str, entry: dict, bundle: Path | str = "BUNDLE") -> str | None:
