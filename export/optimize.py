@@ -367,8 +367,9 @@ def optimize_bundle(
 
     manifest = bundle_io.read_manifest(bundle)
     for stale in ("model.cpu.onnx", "model.int8.onnx", "model.int8dyn.onnx"):
-        if stale not in written:
+        if stale not in written:  # e.g. --no-int8 after an earlier run: an unlisted file would fail verify
             manifest["files"].pop(stale, None)
+            (bundle / stale).unlink(missing_ok=True)
     bundle_io.write_json_atomic(bundle / bundle_io.MANIFEST, manifest)
     merged = {**(manifest.get("variants") or {}), **variants}
     manifest = bundle_io.add_files_to_manifest(bundle, written, variants=merged,

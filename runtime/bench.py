@@ -24,7 +24,7 @@ import numpy as np
 from .backend_protocol import BackendUnavailable
 from .backends import OrtBackend, select_backend
 from .bundle import read_manifest
-from .isa import int8_variant_problem
+from .cpu_choice import key_problem, plan_for
 from .limits import count_flops, gemm_gflops, machine_info, thread_env
 
 # ---------------------------------------------------------------------------------------------- audio
@@ -141,10 +141,11 @@ def cold_start(bundle: Path, backend: str, variant: str, threads: int | None, se
 
 
 def cpu_variants(bundle: Path, manifest: dict) -> list[tuple[str, str]]:
-    """(file, precision) of model.onnx and every variant the manifest lists as passed (fp16 is GPU-only)."""
+    """(variant, precision) of model.onnx and every variant the manifest lists as passed (fp16 is GPU-only):
+    ONNX Runtime files and OpenVINO precisions ("openvino:bf16")."""
     found = [("model.onnx", "fp32")]
     for name, entry in (manifest.get("variants") or {}).items():
-        if name == "model.onnx" or not entry.get("parity") or not (bundle / name).is_file():
+        if name == "model.onnx" or not entry.get("parity") or not (bundle / plan_for(name, entry).file).is_file():
             continue
         if entry.get("precision") == "fp16":
             continue  # ONNX Runtime CPU has no fast fp16 kernels; the fp16 variant is for GPUs
@@ -161,10 +162,16 @@ def load_target(bundle, manifest: dict, backend: str, variant: str, threads: int
     names = [n for n in output_names(manifest) if n in ("embedding", "logits")]
     precision = (manifest.get("variants") or {}).get(variant, {}).get("precision", "fp32")
     if backend == "cpu":
-        problem = int8_variant_problem(variant, (manifest.get("variants") or {}).get(variant, {}), bundle)
+        problem = key_problem(bundle, manifest, variant)
         if problem:
             raise BackendUnavailable(problem)
-        runner = OrtBackend(bundle / variant, names, provider="CPUExecutionProvider", threads=threads)
+        plan = plan_for(variant, (manifest.get("variants") or {}).get(variant, {"precision": "fp32"}))
+        if plan.engine == "openvino":
+            from .openvino_backend import OpenVinoBackend
+
+            runner = OpenVinoBackend(bundle / plan.file, names, precision=plan.precision, threads=threads)
+        else:
+            runner = OrtBackend(bundle / plan.file, names, provider="CPUExecutionProvider", threads=threads)
     else:
         runner, _ = select_backend(bundle, manifest, names, backend, threads)
         variant = runner.description

@@ -64,6 +64,7 @@ def test_flops_scale_with_length(tiny_bundle):
 
 def test_optimize_writes_preferred_cpu_model(optimized):
     from edgeenc.runtime.bundle import read_manifest, verify_bundle
+    from edgeenc.runtime.cpu_choice import plan_cpu
     from edgeenc.runtime.encoder import Encoder
 
     manifest = read_manifest(optimized)
@@ -86,8 +87,11 @@ def test_optimize_writes_preferred_cpu_model(optimized):
         assert v["parity"] == (optimized / name).is_file()  # only passing files stay in the bundle
     assert manifest["variants"]["model.bf16.onnx"]["written"] is False
     assert verify_bundle(optimized) == []
-    encoder = Encoder.load(optimized, "cpu")
-    assert "model.cpu.onnx" in encoder.backend.description
+    untimed = {k: v for k, v in manifest.items() if k != "cpu_default"}
+    assert plan_cpu(optimized, untimed).key == "model.cpu.onnx"  # preferred over model.onnx before any timing
+    choice = manifest["cpu_default"]  # after timing, the fastest valid variant runs (tests/test_openvino.py)
+    encoder = Encoder.load(optimized, "cpu", threads=choice["threads"])
+    assert encoder.backend.description == choice["ranking"][0]["description"]
 
 
 def test_runtime_offers_only_gated_variants(optimized):
