@@ -58,7 +58,8 @@ class Manifest(TypedDict, total=False):
     hf_repository: str
     frontend: dict[str, Any]     # filterbank settings baked into the graph
     notes: list[str]             # where this bundle differs from avex, and why
-    variants: dict[str, dict[str, Any]]  # model.<p>.onnx -> precision, parity, weights, gated_on, ...
+    variants: dict[str, dict[str, Any]]  # model.<p>.onnx or openvino:<p> -> precision, parity, weights, gated_on, ...
+    cpu_default: dict[str, Any]  # `optimize`'s timed winner: variant, engine, precision, ranking, timed_on (flags)
     optimize: dict[str, Any]     # what `edgeenc optimize` tried and measured
     engines: dict[str, dict[str, Any]]   # TensorRT engines added by `edgeenc build`
     tensorrt_op_check: dict[str, Any]    # ops outside TensorRT's ONNX support
