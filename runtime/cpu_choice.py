@@ -151,6 +151,10 @@ def plan_cpu(bundle: Path, manifest: dict, engine: str | None = None, variant: s
         engine, variant = "openvino", variant[len(OPENVINO_PREFIX):]
     if not variant:
         return default_plan(bundle, manifest, engine)
+    variants = manifest.get("variants") or {}
+    ort_file = "model.onnx" if variant == "fp32" else f"model.{variant}.onnx"
+    if engine is None and not (variants.get(ort_file) or {}).get("parity") and OPENVINO_PREFIX + variant in variants:
+        engine = "openvino"  # e.g. --variant bf16: ONNX Runtime has none, OpenVINO does
     if engine == "openvino":
         return _openvino_plan(bundle, manifest, variant)
     path = cpu_model(bundle, manifest, variant)

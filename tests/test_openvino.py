@@ -133,6 +133,9 @@ def test_bf16_refused_on_a_cpu_without_bf16(optimized, monkeypatch, tmp_path):
     bundle = tmp_path / "bundle"
     shutil.copytree(optimized[0], bundle)
     manifest = _edit_manifest(bundle, lambda m: m["variants"].update({"openvino:bf16": FORGED_BF16}))
+    if _has_openvino():  # on a bf16 CPU `--variant bf16` alone finds OpenVINO's (ONNX Runtime has none)
+        _pretend_cpu(monkeypatch, AVX512_NO_BF16 | {"avx512_bf16"})
+        assert plan_cpu(bundle, manifest, None, "bf16").key == "openvino:bf16"
     _pretend_cpu(monkeypatch, AVX512_NO_BF16)
     assert not isa.has_bf16()
     with pytest.raises(BackendUnavailable, match=r"bf16|OpenVINO is not installed"):
