@@ -5,7 +5,10 @@
 - "openvino:bf16": the same with INFERENCE_PRECISION_HINT bf16, gated with the reduced-precision gate
   (per-token cosine >= 0.99, mean-centred embedding cosine >= 0.99); only written where this CPU has
   bf16 instructions (runtime/isa.py BF16_FLAGS), and recorded with the CPU it was gated on.
-- OpenVINO int8 (NNCF) is not produced: not attempted yet.
+- "openvino:int8": NNCF post-training int8 of model.onnx calibrated on the bundled recording, front
+  end in fp32 (export/openvino_int8.py), reduced-precision gate; s8 weights, so refused on x86 CPUs
+  without VNNI like the ONNX Runtime s8 files. Needs NNCF (pip install nncf); skipped with the reason
+  without it.
 
 Then every gated variant valid on this CPU (ONNX Runtime files and OpenVINO precisions) is timed in one
 interleaved run (runtime/bench.py time_interleaved) on one native window of the bundled recording,
@@ -25,8 +28,9 @@ from edgeenc.runtime.bench import Target, bench_audio, percentiles, time_interle
 from edgeenc.runtime.cpu_choice import OPENVINO_PREFIX, engine_of, key_problem, plan_for
 from edgeenc.runtime.isa import BF16_FLAGS, cpu_flags, cpu_summary, has_bf16
 from edgeenc.runtime.limits import ISA_FLAGS
-from edgeenc.runtime.openvino_backend import OpenVinoBackend, import_openvino
+from edgeenc.runtime.openvino_backend import PRECISIONS, OpenVinoBackend, import_openvino
 
+from .openvino_int8 import INT8_XML, int8_files, write_openvino_int8
 from .parity import LOWP_TOKEN_COSINE, ParityCase, run_reduced_gate
 
 Progress = Callable[[str], None]
@@ -39,31 +43,43 @@ def gated_on() -> dict:
 
 
 def openvino_variants(bundle: Path, names: list[str], cases: list[ParityCase], references: dict, threads: int | None,
-                      fp32_compare: Callable, gate_summary: Callable, say: Progress) -> dict[str, dict]:
-    """manifest["variants"] entries for OpenVINO fp32 and bf16 of model.onnx (failed or skipped ones too)."""
+                      fp32_compare: Callable, gate_summary: Callable, say: Progress, *,
+                      int8_windows: list | None = None, front_end: list[str] = (), keep_failed: bool = False,
+                      ) -> tuple[dict[str, dict], list[str]]:
+    """manifest["variants"] entries for OpenVINO fp32, bf16 and (given `int8_windows`) int8 of model.onnx,
+    failed or skipped ones too, and the bundle files written (the int8 IR when it passed or `keep_failed`)."""
+    precisions = ("fp32", "bf16", "int8") if int8_windows else ("fp32", "bf16")
     try:
         ov = import_openvino()
     except BackendUnavailable as exc:
         return {OPENVINO_PREFIX + p: {"engine": "openvino", "precision": p, "parity": False, "written": False,
-                                      "figures": None, "reason": str(exc)} for p in ("fp32", "bf16")}
+                                      "figures": None, "reason": str(exc)} for p in precisions}, []
 
     def cached(audio):
         return next(references[c.name] for c in cases if c.audio is audio)
 
-    entries = {}
-    for precision in ("fp32", "bf16"):
+    entries, written = {}, []
+    for precision in precisions:
         key = OPENVINO_PREFIX + precision
         base = {"engine": "openvino", "precision": precision, "source": "model.onnx",
-                "tool": f"openvino {ov.__version__} CPU plugin, INFERENCE_PRECISION_HINT "
-                        f"{'f32' if precision == 'fp32' else 'bf16'}"}
+                "tool": f"openvino {ov.__version__} CPU plugin, INFERENCE_PRECISION_HINT {PRECISIONS[precision]}"}
         if precision == "bf16" and not has_bf16():
             entries[key] = {**base, "parity": False, "written": False, "figures": None,
                             "reason": f"this CPU has none of {', '.join(BF16_FLAGS)}"}
             continue
         started = time.time()
-        say(f"gate of {key} (OpenVINO on model.onnx)")
+        if precision == "int8":
+            say(f"writing {INT8_XML} (NNCF post-training int8, {len(int8_windows)} calibration windows)")
+            try:
+                base.update(write_openvino_int8(bundle / "model.onnx", bundle / INT8_XML, int8_windows,
+                                                list(front_end)), source=INT8_XML)
+            except ImportError as exc:
+                entries[key] = {**base, "parity": False, "written": False, "figures": None,
+                                "reason": f"NNCF is not installed ({exc}): pip install nncf"}
+                continue
+        say(f"gate of {key} (OpenVINO on {base['source']})")
         try:
-            runner = OpenVinoBackend(bundle / "model.onnx", names, precision=precision, threads=threads).run
+            runner = OpenVinoBackend(bundle / base["source"], names, precision=precision, threads=threads).run
         except BackendUnavailable as exc:
             entries[key] = {**base, "parity": False, "written": False, "figures": None, "reason": str(exc)}
             continue
@@ -75,7 +91,13 @@ def openvino_variants(bundle: Path, names: list[str], cases: list[ParityCase], r
             passed, worst = report.passed, gate_summary(report)
         entries[key] = {**base, "parity": passed, "figures": worst, "gated_on": gated_on(),
                         "seconds": round(time.time() - started, 1)}
-    return entries
+        if precision == "int8":
+            if passed or keep_failed:
+                written += int8_files()
+            else:
+                for name in int8_files():
+                    (bundle / name).unlink(missing_ok=True)
+    return entries, written
 
 
 def pick_cpu_default(bundle: Path, manifest: dict, *, threads: int | None, runs: int = 5, warmup: int = 1,

@@ -43,6 +43,7 @@ from edgeenc.runtime import bundle as bundle_io
 
 from .engine_choice import openvino_variants, pick_cpu_default
 from .layout import cpu_layout
+from .openvino_int8 import int8_files
 from .parity import (
     FP32_COSINE_GAP,
     FP32_MAX_ABS,
@@ -361,12 +362,17 @@ def optimize_bundle(
                                    "figures": None, "reason": why if not ok else "not attempted"}
     summary["model.bf16.onnx"] = variants["model.bf16.onnx"]
     if openvino:
-        engines = openvino_variants(bundle, names, cases, references, threads, fp32_compare, gate_summary, say)
+        front_end = front_end_nodes(ensure_names(onnx.load(str(src), load_external_data=False)))
+        engines, files = openvino_variants(
+            bundle, names, cases, references, threads, fp32_compare, gate_summary, say, keep_failed=keep_failed,
+            int8_windows=calibration_windows(rate, window, calibration_windows_count) if int8 else None,
+            front_end=front_end)
         variants.update(engines)
         summary.update(engines)
+        written += files
 
     manifest = bundle_io.read_manifest(bundle)
-    for stale in ("model.cpu.onnx", "model.int8.onnx", "model.int8dyn.onnx"):
+    for stale in ("model.cpu.onnx", "model.int8.onnx", "model.int8dyn.onnx", *int8_files()):
         if stale not in written:  # e.g. --no-int8 after an earlier run: an unlisted file would fail verify
             manifest["files"].pop(stale, None)
             (bundle / stale).unlink(missing_ok=True)

@@ -14,7 +14,8 @@ import numpy as np
 
 from .backend_protocol import BackendUnavailable
 
-PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # variant precision -> INFERENCE_PRECISION_HINT
+# variant precision -> INFERENCE_PRECISION_HINT; an int8 IR runs its unquantised ops (front end, norms) in f32.
+PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def import_openvino():
