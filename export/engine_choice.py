@@ -26,7 +26,7 @@ from pathlib import Path
 from edgeenc.runtime.backend_protocol import BackendUnavailable
 from edgeenc.runtime.bench import Target, bench_audio, percentiles, time_interleaved
 from edgeenc.runtime.cpu_choice import OPENVINO_PREFIX, engine_of, key_problem, plan_for
-from edgeenc.runtime.isa import BF16_FLAGS, cpu_flags, cpu_summary, has_bf16
+from edgeenc.runtime.isa import BF16_FLAGS, cpu_flags, cpu_summary, has_bf16, signed_int8_saturates
 from edgeenc.runtime.limits import ISA_FLAGS
 from edgeenc.runtime.openvino_backend import PRECISIONS, OpenVinoBackend, import_openvino
 
@@ -66,6 +66,11 @@ def openvino_variants(bundle: Path, names: list[str], cases: list[ParityCase], r
         if precision == "bf16" and not has_bf16():
             entries[key] = {**base, "parity": False, "written": False, "figures": None,
                             "reason": f"this CPU has none of {', '.join(BF16_FLAGS)}"}
+            continue
+        if precision == "int8" and signed_int8_saturates():
+            entries[key] = {**base, "parity": False, "written": False, "figures": None,
+                            "reason": "this x86 CPU has no VNNI: NNCF writes s8 weights, whose u8 x s8 kernels "
+                                      "saturate here"}
             continue
         started = time.time()
         if precision == "int8":

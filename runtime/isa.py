@@ -108,6 +108,6 @@ def int8_variant_problem(name: str, entry: dict, bundle: Path | str = "BUNDLE") 
     if entry.get("precision") != "int8" or entry.get("weights", "s8") != "s8" or not signed_int8_saturates():
         return None
     gated = (entry.get("gated_on") or {}).get("cpu_model") or "another CPU"
-    return (f"{name} has s8 weights (gated on {gated}); this x86 CPU has no VNNI, so ONNX Runtime's u8 x s8 kernel "
-            f"saturates and the variant's gate figures do not hold here. Run `edgeenc optimize {bundle}` on this "
-            "machine (it writes u8 weights), or use the fp32 model")
+    return (f"{name} has s8 weights (gated on {gated}); this x86 CPU has no VNNI, so the u8 x s8 int8 kernel "
+            f"(ONNX Runtime's, and OpenVINO's) saturates and the variant's gate figures do not hold here. Run "
+            f"`edgeenc optimize {bundle}` on this machine (it writes u8 weights), or use the fp32 model")

@@ -83,6 +83,9 @@ def test_optimize_writes_u8_weights_without_vnni_and_s8_with_it(by_weights):
             assert entry["weights"] == weights and entry["activations"] == "u8"
             assert entry["gated_on"]["signed_int8_saturates"] is (weights == "u8")
             assert _weight_dtypes(bundle / name) == {dtype}, name
+        ov_int8 = manifest["variants"].get("openvino:int8")  # present where OpenVINO is installed
+        if ov_int8 and weights == "u8":  # NNCF writes s8 only: not even tried where s8 saturates
+            assert ov_int8["written"] is False and "no VNNI" in ov_int8["reason"]
 
 
 def test_runtime_refuses_s8_weights_on_a_cpu_that_saturates(by_weights, monkeypatch):

@@ -101,6 +101,12 @@ def test_optimize_gates_records_and_uses_the_fastest(optimized):
             assert bf16["gated_on"]["bf16"] is True and set(bf16["gated_on"]["flags"]) & set(isa.BF16_FLAGS)
         else:
             assert bf16["written"] is False and "avx512_bf16" in bf16["reason"]
+        if _has("nncf") and not isa.signed_int8_saturates():
+            int8 = manifest["variants"]["openvino:int8"]
+            assert int8["weights"] == "s8" and int8["source"] == "model.openvino-int8.xml"
+            assert int8["fp32_convolutions"] and int8["figures"]["min_token_cosine"] is not None
+            listed = {"model.openvino-int8.xml", "model.openvino-int8.bin"} <= set(manifest["files"])
+            assert listed is int8["parity"]  # the IR pair stays (hashed) only when it passed
 
     encoder = Encoder.load(bundle, "cpu", threads=2)  # the recorded winner runs
     expected = "openvino" if ranking[0]["engine"] == "openvino" else "onnxruntime"
@@ -117,12 +123,16 @@ def test_optimize_gates_records_and_uses_the_fastest(optimized):
     assert "model.onnx" in Encoder.load(copy, "cpu", threads=2, variant="fp32").backend.description
 
 
-def _has_openvino() -> bool:
+def _has(module: str) -> bool:
     try:
-        import openvino  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
+
+
+def _has_openvino() -> bool:
+    return _has("openvino")
 
 
 def test_bf16_refused_on_a_cpu_without_bf16(optimized, monkeypatch, tmp_path):
@@ -180,6 +190,11 @@ def test_a_copy_on_another_cpu_falls_back_and_says_so(optimized, monkeypatch, tm
     assert "CPU default openvino:bf16" in said and "falling back to model.int8dyn.onnx" in said, said
 
     _pretend_cpu(monkeypatch, AVX2)  # no VNNI either: s8 weights saturate, only fp32 is left
+    from edgeenc.runtime.cpu_choice import key_problem
+
+    forged_int8 = {**FORGED_BF16, "precision": "int8", "weights": "s8"}
+    problem = key_problem(bundle, {"variants": {"openvino:int8": forged_int8}}, "openvino:int8")
+    assert "saturate" in problem or "not installed" in problem
     encoder = Encoder.load(bundle, "cpu", threads=2)
     said = "\n".join(encoder.backend_log)
     assert encoder.backend.description.startswith("onnxruntime") and "(model.onnx" in encoder.backend.description
