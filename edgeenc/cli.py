@@ -178,7 +178,7 @@ def expand_audio(paths: list[Path]) -> list[Path]:
     return found
 
 
-def _open_encoder(bundle: Path, device: str, threads: int | None, variant: str | None = None):
+def _open_encoder(bundle: Path, device: str, threads: int | None, variant: str | None = None, verbose: bool = False):
     from edgeenc.export.bundle import BundleError
     from edgeenc.runtime.backends import BackendUnavailable
     from edgeenc.runtime.encoder import Encoder
@@ -188,7 +188,7 @@ def _open_encoder(bundle: Path, device: str, threads: int | None, variant: str |
     except (BundleError, BackendUnavailable, ValueError) as exc:
         err(str(exc))
         raise typer.Exit(2) from None
-    for line in encoder.backend_log:
+    for line in encoder.backend_log if verbose else encoder.backend_brief:
         note(line)
     if encoder.manifest.get("random_init"):
         note("warning: this bundle holds RANDOM weights (--random-init): outputs are meaningless")
@@ -263,12 +263,15 @@ def _summary(done: int, failed: int, out: Path, parts) -> None:
 # Options that every command running recordings through a bundle shares.
 WindowOpt = Annotated[float | None, typer.Option(help="window seconds (default: the model's native length)")]
 HopOpt = Annotated[float | None, typer.Option(help="hop seconds (default: = window)")]
-LastOpt = Annotated[str, typer.Option(help="last partial window: short (true length), pad, or drop")]
+LastOpt = Annotated[str, typer.Option(help="last partial window: auto (default: its true length, but dropped "
+                                            "when shorter than half the window or 1 s, unless it is the file's "
+                                            "only window), short (true length, always), pad, or drop")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, trt, cuda or cpu")]
 BatchOpt = Annotated[int, typer.Option(help="windows per inference batch")]
 ChannelOpt = Annotated[int | None, typer.Option(help="use this channel (0-based) instead of the mean")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime")]
 VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. int8dyn (see `edgeenc info`)")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="say why every other backend was skipped")]
 
 
 def _window_options(window, hop, last, batch, channel) -> dict:
@@ -282,12 +285,13 @@ def embed(
     out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
     window: WindowOpt = None,
     hop: HopOpt = None,
-    last: LastOpt = "short",
+    last: LastOpt = "auto",
     device: DeviceOpt = "auto",
     batch: BatchOpt = 8,
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
@@ -295,7 +299,7 @@ def embed(
     from edgeenc.runtime.writers import WriterError, write_embeddings
 
     files = _audio_files(audio)
-    encoder = _open_encoder(bundle, device, threads, variant)
+    encoder = _open_encoder(bundle, device, threads, variant, verbose)
     results, failed, parts = _results(encoder, files, _window_options(window, hop, last, batch, channel), out)
     dim = encoder.embedding_dim
     try:
@@ -323,19 +327,20 @@ def classify(
     activation: str = typer.Option("softmax", help="softmax (one label per window) or sigmoid (independent)"),
     window: WindowOpt = None,
     hop: HopOpt = None,
-    last: LastOpt = "short",
+    last: LastOpt = "auto",
     device: DeviceOpt = "auto",
     batch: BatchOpt = 8,
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
     from edgeenc.runtime.writers import WriterError, write_classifications
 
     files = _audio_files(audio)
-    encoder = _open_encoder(bundle, device, threads, variant)
+    encoder = _open_encoder(bundle, device, threads, variant, verbose)
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)

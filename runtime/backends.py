@@ -23,7 +23,15 @@ DEVICES = ("auto", "trt", "cuda", "cpu")
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says what to install or build."""
+    """The requested backend cannot run here; the message says what to install or build.
+
+    `not_installed` marks the plain case of a machine without that backend's software (no tensorrt, an
+    onnxruntime without CUDA): nothing is broken, so `--device auto` need not explain it at length.
+    """
+
+    def __init__(self, message: str, *, not_installed: bool = False):
+        super().__init__(message)
+        self.not_installed = not_installed
 
 
 class Backend(Protocol):
@@ -128,7 +136,7 @@ def _try_trt(bundle: Path, manifest: dict, output_names: list[str]) -> Backend:
     except ImportError as exc:
         raise BackendUnavailable(
             f"TensorRT backend unavailable ({exc}): install TensorRT (pip install 'edgeenc[tensorrt]'; on Jetson "
-            "use JetPack's TensorRT) and build an engine with `edgeenc build BUNDLE`"
+            "use JetPack's TensorRT) and build an engine with `edgeenc build BUNDLE`", not_installed=True
         ) from exc
     return TensorRTBackend.from_bundle(bundle, manifest, output_names)
 
@@ -158,7 +166,8 @@ def _try_cuda(bundle: Path, output_names: list[str]) -> Backend:
             )
         raise BackendUnavailable(
             f"the installed ONNX Runtime ({', '.join(installed) or ort.__version__}) has no CUDAExecutionProvider: "
-            "install 'edgeenc[gpu]' (onnxruntime-gpu) instead of onnxruntime, not beside it"
+            "install 'edgeenc[gpu]' (onnxruntime-gpu) instead of onnxruntime, not beside it",
+            not_installed=not any("-gpu" in d for d in installed),
         )
     if os.environ.get("EDGEENC_ORT_TENSORRT") == "1" and "TensorrtExecutionProvider" in ort.get_available_providers():
         return ort_tensorrt_backend(bundle, output_names)
@@ -192,8 +201,12 @@ def select_backend(
     device: str = "auto",
     threads: int | None = None,
     variant: str | None = None,
+    skipped: list[BackendUnavailable] | None = None,
 ) -> tuple[Backend, list[str]]:
-    """The backend to run and a log of why others were skipped. Explicit devices never fall back."""
+    """The backend to run and a log of why others were skipped. Explicit devices never fall back.
+
+    `skipped`, when given, receives the exception of every backend that `auto` skipped (see `brief_log`).
+    """
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     bundle = Path(bundle)
@@ -218,12 +231,22 @@ def select_backend(
             if device != "auto":
                 raise
             notes.append(f"skipped {name}: {exc}")
+            if skipped is not None:
+                skipped.append(exc)
             log.info("skipped %s: %s", name, exc)
             continue
         notes.append(f"running on {backend.name}: {backend.description}")
         log.info("running on %s: %s", backend.name, backend.description)
         return backend, notes
     raise BackendUnavailable("no backend could run this bundle:\n  " + "\n  ".join(notes))
+
+
+def brief_log(notes: list[str], skipped: list[BackendUnavailable]) -> list[str]:
+    """`notes` of `select_backend`, or one line where `auto` fell back only past GPU software that is not
+    installed (a laptop, a CPU server): the reasons are then noise to say only when asked (`-v`)."""
+    if skipped and all(exc.not_installed for exc in skipped):
+        return [f"{notes[-1]} (no GPU backend installed; -v for why)"]
+    return notes
 
 
 def _default_threads() -> int | None:

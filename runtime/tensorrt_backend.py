@@ -202,7 +202,7 @@ def require_tensorrt():
         if not count:
             problems.append(f"no CUDA GPU is visible ({detail}); TensorRT builds and runs engines on NVIDIA GPUs only")
     if problems:
-        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems))
+        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems), not_installed=trt is None)
     return trt, cudart
 
 
