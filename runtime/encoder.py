@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeenc.export.bundle import BundleError, read_manifest, verify_bundle
-
 from .audio import AudioError, iter_blocks
-from .backends import Backend, BackendUnavailable, brief_log, select_backend
+from .backend_protocol import Backend, BackendUnavailable
+from .backends import brief_log, select_backend
+from .bundle import BundleError, read_manifest, verify_bundle
 from .windows import Window, WindowBatcher, iter_windows
 from .writers import ClassRow
 
