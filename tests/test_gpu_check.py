@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from trt_standins import install_cuda_python
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
