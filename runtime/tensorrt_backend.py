@@ -25,7 +25,8 @@ from .backends import BackendUnavailable
 
 ENGINES_DIR = "engines"
 ON_JETSON = Path("/etc/nv_tegra_release").exists()
-DESKTOP_TENSORRT = "pip install 'edgeenc[tensorrt]' (the tensorrt wheel; tensorrt-cu12 on CUDA 12)"
+DESKTOP_TENSORRT = ("pip install 'edgeenc[tensorrt]' (CUDA 13 driver, r580+), or 'edgeenc[tensorrt-cu12]' on a "
+                    "CUDA 12 driver")
 JETSON_TENSORRT = ("use JetPack's TensorRT (sudo apt install nvidia-jetpack, which brings python3-libnvinfer) from a "
                    "venv made with --system-site-packages, never a pip wheel (docs/jetson.md)")
 
@@ -221,8 +222,8 @@ def require_tensorrt():
                             f"{NEWEST_TENSORRT_MAJOR}.x (docs/jetson.md)")
     cudart = import_cudart()
     if cudart is None:
-        problems.append("cuda-python is not installed (device memory and streams): pip install cuda-python "
-                        "(a 12.x release on CUDA 12 / JetPack 6)")
+        problems.append("cuda-python is not installed (device memory and streams): pip install 'cuda-python>=13,<14' "
+                        "on a CUDA 13 driver, 'cuda-python>=12.2,<13' on CUDA 12 / JetPack 6")
     else:
         try:
             count = _cuda(cudart.cudaGetDeviceCount())

@@ -133,7 +133,8 @@ def test_build_without_tensorrt_exits_2_naming_what_to_install(no_tensorrt, tmp_
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "pip install 'edgeenc[tensorrt]'" in text and "JetPack's TensorRT" in text
-    assert "--system-site-packages" in text and "pip install cuda-python" in text
+    assert "--system-site-packages" in text and "edgeenc[tensorrt-cu12]" in text
+    assert "pip install 'cuda-python>=13,<14'" in text and "'cuda-python>=12.2,<13' on CUDA 12" in text
 
 
 def test_backend_without_tensorrt_is_unavailable(no_tensorrt, tmp_path):
