@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import platform
 import sys
@@ -103,6 +104,8 @@ def environment() -> dict:
             "onnxruntime": onnxruntime.__version__, "ort_providers": onnxruntime.get_available_providers(),
             "cuda_python": trt_rt.cuda_python_version(), "cudart_module": getattr(trt_rt.import_cudart(), "__name__",
                                                                                  None)}
+    # parity cases read the bundled recording (soundfile, soxr); the export writes ONNX (onnx)
+    info["missing_modules"] = [name for name in ("onnx", "soundfile", "soxr") if importlib.util.find_spec(name) is None]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info.update(gpu=props.name, compute_capability=f"{props.major}.{props.minor}",
