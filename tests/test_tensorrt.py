@@ -302,6 +302,16 @@ def test_build_sidecar_load_and_run_on_each_release(fake_gpu, version, cuda, typ
         trt_rt.TensorRTBackend.from_bundle(bundle, manifest, ["tokens"])
 
 
+@pytest.mark.parametrize("version, cuda, typing, network_flags", [PAIRINGS[0], PAIRINGS[-1]])
+def test_fp32_builds_without_precision_flags_on_8_6_and_11(fake_gpu, version, cuda, typing, network_flags):
+    bundle, install = fake_gpu
+    trt, _ = install(version, cuda=cuda)
+    result = trt_build.build_engine(bundle, precision="fp32", profile=trt_build.compute_profile(
+        read_manifest(bundle), max_batch=1, max_seconds=4))
+    assert result.accepted and result.data["source_onnx"] == "model.onnx" and result.data["typing"] == typing
+    assert trt.built["flags"] == set() and trt.built["network_flags"] == network_flags and trt.built["pinned"] == []
+
+
 def test_tensorrt_11_builds_strongly_typed_without_model_fp16_onnx(fake_gpu):
     bundle, install = fake_gpu
     trt, _ = install("11.4.1", cuda="13.0.0")
