@@ -113,7 +113,7 @@ def bundle_identity(bundle: Path, manifest: dict) -> tuple[str, str]:
     if entry and entry.get("sha256"):
         digest = str(entry["sha256"])
     else:
-        from edgeenc.export.bundle import sha256_file
+        from edgeenc.hashing import sha256_file
 
         onnx = Path(bundle) / "model.onnx"
         if not onnx.is_file():

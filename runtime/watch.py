@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeenc.export.bundle import sha256_file
+from edgeenc.hashing import sha256_file
 
 from .audio import AUDIO_SUFFIXES
 from .encoder import Encoder, scores
