@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,14 @@ CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 # The CUDA provider runs fp32 MatMul / Conv in TF32 by default (use_tf32 = 1 in
 # microsoft/onnxruntime:include/onnxruntime/core/providers/cuda/cuda_provider_options.h), which rounds the
 # front end's DFT MatMul to a 10-bit mantissa; edgeenc's TensorRT builds clear TF32 for the same reason.
+# The option exists from onnxruntime 1.18 (microsoft/onnxruntime#19357, #19426); older releases reject
+# unknown options, so they get none (a Jetson Zoo wheel for JetPack 6.0 can be that old).
 CUDA_PROVIDER_OPTIONS = {"use_tf32": "0"}
+
+
+def cuda_provider_options(ort) -> dict:
+    major, minor = (int(p) for p in (re.findall(r"\d+", ort.__version__) + ["0", "0"])[:2])
+    return dict(CUDA_PROVIDER_OPTIONS) if (major, minor) >= (1, 18) else {}
 
 
 class OrtBackend:
@@ -64,7 +72,8 @@ class OrtBackend:
         providers = [first] if provider == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
         if provider == "TensorrtExecutionProvider":
             # for the nodes TensorRT does not take
-            providers.insert(1, ("CUDAExecutionProvider", dict(CUDA_PROVIDER_OPTIONS)))
+            options_cuda = cuda_provider_options(ort)
+            providers.insert(1, ("CUDAExecutionProvider", options_cuda) if options_cuda else "CUDAExecutionProvider")
         extra = {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)} if provider == "CPUExecutionProvider" else {}
         self.session = ort.InferenceSession(str(model_path), options, providers=providers, **extra)
         active = self.session.get_providers()
@@ -155,7 +164,7 @@ def _try_cuda(bundle: Path, output_names: list[str]) -> Backend:
     if os.environ.get("EDGEENC_ORT_TENSORRT") == "1" and "TensorrtExecutionProvider" in ort.get_available_providers():
         return ort_tensorrt_backend(bundle, output_names)
     return OrtBackend(bundle / "model.onnx", output_names, provider="CUDAExecutionProvider",
-                      provider_options=dict(CUDA_PROVIDER_OPTIONS))
+                      provider_options=cuda_provider_options(ort) or None)
 
 
 def ort_tensorrt_backend(bundle: Path, output_names: list[str]) -> Backend:

@@ -377,6 +377,9 @@ def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle,
     monkeypatch.delenv("EDGEENC_ORT_TENSORRT")
     backends._try_cuda(bundle, ["embedding"])
     assert asked["providers"] == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "__version__", "1.17.3")  # no use_tf32 option yet: none is passed
+    backends._try_cuda(bundle, ["embedding"])
+    assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_sed_birdcode_runs_at_32_khz_end_to_end(birds_wav, tmp_path):
