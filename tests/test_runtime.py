@@ -368,10 +368,18 @@ def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle,
     backend = backends._try_cuda(bundle, ["embedding"])
     assert backend.name == "trt"
     (name, options), *rest = asked["providers"]
-    assert name == "TensorrtExecutionProvider" and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert options["trt_fp16_enable"] == "True"
+    assert name == "TensorrtExecutionProvider"
+    assert rest == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    # fp16 from model.fp16.onnx's Casts (a strongly typed network), never the weak-typing trt_fp16_enable
+    assert "trt_fp16_enable" not in options and asked["path"].endswith("model.onnx")  # no fp16 file: fp32
+    (bundle / "model.fp16.onnx").write_bytes(b"")  # FakeSession never reads it
+    backends._try_cuda(bundle, ["embedding"])
+    assert asked["path"].endswith("model.fp16.onnx") and "trt_fp16_enable" not in asked["providers"][0][1]
     assert options["trt_engine_cache_path"].startswith(str(bundle / "engines"))
     monkeypatch.delenv("EDGEENC_ORT_TENSORRT")
+    backends._try_cuda(bundle, ["embedding"])
+    assert asked["providers"] == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "__version__", "1.17.3")  # no use_tf32 option yet: none is passed
     backends._try_cuda(bundle, ["embedding"])
     assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
