@@ -407,6 +407,7 @@ def main() -> None:
 def _register_extra_commands() -> None:
     # Each lives in its own module so that importing the CLI stays light (no torch, no tensorrt).
     from edgeenc.cli_bench import bench, optimize
+    from edgeenc.cli_listen import listen
     from edgeenc.cli_tensorrt import build
     from edgeenc.cli_watch import export_db, search, watch
 
@@ -416,6 +417,7 @@ def _register_extra_commands() -> None:
     app.command("watch")(watch)
     app.command("export-db")(export_db)
     app.command("search")(search)
+    app.command("listen")(listen)
 
 
 _register_extra_commands()
