@@ -94,4 +94,4 @@ def listen(
     note(f"{summary.ended}: {summary.audio_seconds:.1f} s of audio, {summary.windows} window(s) in "
          f"{summary.batches} batch(es), {summary.dropped_seconds:.1f} s dropped, {summary.clips} clip(s), "
          f"{summary.restarts} restart(s); encoder at {summary.speed:.2f}x real time, "
-         f"CPU {summary.cpu_seconds:.1f} s over {summary.elapsed_seconds:.1f} s")
+         f"CPU {summary.cpu_seconds:.2f} s over {summary.elapsed_seconds:.2f} s")

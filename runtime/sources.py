@@ -156,7 +156,8 @@ class SoundDeviceSource:
                 try:
                     stamper.push(blocks.get(timeout=0.2))
                 except queue.Empty:
-                    continue
+                    if not stream.active:  # unplugged, or the driver gave up: PortAudio stops calling back
+                        raise SourceError(f"sound device {self.device!r} stopped delivering audio") from None
 
     def close(self) -> None:
         self._closed.set()
@@ -186,8 +187,11 @@ class FfmpegSource:
         delay = self.backoff[0]
         while not stop.is_set():
             with self._lock:
-                self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE)
+                try:
+                    self._proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.PIPE)
+                except OSError as exc:  # removed or not executable since it was found
+                    raise SourceError(f"cannot run {self.ffmpeg}: {exc}") from exc
             errors: deque[str] = deque(maxlen=3)
             drain = threading.Thread(target=_collect, args=(self._proc.stderr, errors), daemon=True)
             drain.start()

@@ -398,6 +398,8 @@ class PretendSoundDevice:
         device_self = self
 
         class Stream:
+            active = True  # a device that has played its recording stays open, silent
+
             def __enter__(self):
                 self.thread = threading.Thread(target=self.play, daemon=True)
                 self.thread.start()
