@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -371,6 +372,29 @@ def test_ffmpeg_source_restarts_with_backoff(encoder, tmp_path, caplog):
     assert list(starts[:6]) == [0.0, 1.0, 2.5, 3.5, 5.0, 6.0]
     assert (np.diff(walls) > 0).all()
     assert rows(tmp_path / "r.sqlite", "SELECT restarts FROM streams") == [(summary.restarts,)]
+
+
+REAL_FFMPEG = shutil.which(os.environ.get("EDGEENC_TEST_FFMPEG", "ffmpeg"))
+
+
+@pytest.mark.skipif(REAL_FFMPEG is None, reason="no ffmpeg on PATH (or in $EDGEENC_TEST_FFMPEG)")
+def test_a_real_ffmpeg_reads_the_recording_like_embed(encoder, tmp_path):
+    with resources.as_file(BIRDS) as wav:
+        reference = encoder.embed_file(wav, window_seconds=1.0, last="drop")
+        source = FfmpegSource(str(wav), encoder.sample_rate, ffmpeg=REAL_FFMPEG, backoff=(0.05, 0.05))
+        db, stop = tmp_path / "r.sqlite", threading.Event()
+        with open_store(db, encoder) as store:
+            threading.Thread(target=lambda: _wait(lambda: rows(db, "SELECT count(*) FROM windows")[0][0] >= 20)
+                             and stop.set(), daemon=True).start()
+            summary = listen(encoder, store, source, source_name="ffmpeg", window_seconds=1.0, stop=stop,
+                             handle_signals=False)
+    assert summary.restarts >= 1  # a file ends: ffmpeg is started again, the recording heard again
+    starts, _, _, emb = stored(db)
+    # ffmpeg resamples 32 -> 16 kHz with its own filter, not soxr: close, not identical.
+    np.testing.assert_allclose(starts[:10], reference.starts, atol=1e-9)
+    assert starts[10] == pytest.approx(10.13325)  # the second run's grid starts after the first's audio
+    assert cosines(emb[:10], reference.embeddings).min() >= 0.9999
+    assert cosines(emb[10:20], reference.embeddings).min() >= 0.9999
 
 
 def test_ffmpeg_missing_is_a_clear_error():
