@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from edgeenc.cli_watch import EXIT_LOCKED
+from edgeenc.cli_common import EXIT_LOCKED, err, note, open_encoder
 
 EXIT_SOURCE_FAILED = 6
 
@@ -38,21 +38,19 @@ def listen(
     quiet: bool = typer.Option(False, "--quiet", help="log only drops, restarts and failures"),
 ) -> None:
     """Embed (and classify) a live source window by window into a crash-safe SQLite file."""
-    from edgeenc import cli
     from edgeenc.runtime.listen import listen as run_listen
     from edgeenc.runtime.live_store import LiveStore
     from edgeenc.runtime.sources import SourceError, open_source
     from edgeenc.runtime.store import StoreError, StoreLocked, bundle_identity
     from edgeenc.runtime.windows import LAST_POLICIES
 
-    err, note = cli.err, cli.note
     if last not in LAST_POLICIES:
         err(f"--last must be one of {', '.join(LAST_POLICIES)}; got {last!r}")
         raise typer.Exit(2)
     if save_clips is not None and threshold is None:
         err("--save-clips needs --threshold: the score from which a window counts as a detection")
         raise typer.Exit(2)
-    encoder = cli._open_encoder(bundle, device, threads)
+    encoder = open_encoder(bundle, device, threads)
     if save_clips is not None and "logits" not in encoder.output_names:
         err(f"--save-clips needs a model with a classifier; {encoder.manifest.get('model_id')} has none")
         raise typer.Exit(2)

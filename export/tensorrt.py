@@ -1,9 +1,8 @@
 """`edgeenc build`: a TensorRT engine for this GPU from a bundle, gated on parity with ONNX Runtime.
 
 Everything but `build_engine` needs no GPU and no tensorrt, so CI tests it: the profile, the
-precision plan, engine names, sidecar matching and refusal messages (the last three live in
-runtime/tensorrt_backend.py, which the runtime uses without export code, and are re-exported
-here). The build follows shared/reference/tensorrt-jetson.md:
+precision plan, and through runtime/engines.py (the rules the runtime loads by) engine names,
+sidecar matching and refusal messages. The build follows shared/reference/tensorrt-jetson.md:
 
 - fp16 on TensorRT >= 10: a STRONGLY_TYPED network from model.fp16.onnx, whose Casts keep the
   front end, LayerNorm, softmax and pooling in fp32 (export/fp16.py);
@@ -29,20 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeenc import __version__
-from edgeenc.runtime.tensorrt_backend import (  # noqa: F401  (re-exported: the rules engines are judged by)
+from edgeenc.runtime import bundle as bundle_io
+from edgeenc.runtime.engines import (
     ENGINES_DIR,
     Profile,
     TensorRTUnavailable,
     device_key,
     engine_file_name,
-    engine_sidecars,
-    rebuild_command,
-    refusal_message,
-    select_engine,
-    sidecar_matches,
 )
-
-from . import bundle as bundle_io
 
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_MAX_BATCH = 8

@@ -11,28 +11,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
+from .backend_protocol import Backend, BackendUnavailable
 from .isa import int8_variant_problem
 
 log = logging.getLogger("edgeenc.runtime")
 
 DEVICES = ("auto", "trt", "cuda", "cpu")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says what to install or build."""
-
-
-class Backend(Protocol):
-    name: str  # "trt", "cuda" or "cpu"
-    description: str  # what actually runs, e.g. "onnxruntime 1.32.0 CPUExecutionProvider, 2 threads"
-
-    def run(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
-
-    def close(self) -> None: ...
 
 
 def import_onnxruntime():

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeenc.export.bundle import read_manifest
-
-from .backends import BackendUnavailable, OrtBackend, select_backend
+from .backend_protocol import BackendUnavailable
+from .backends import OrtBackend, select_backend
+from .bundle import read_manifest
 from .isa import int8_variant_problem
 from .limits import count_flops, gemm_gflops, machine_info, thread_env
 
@@ -95,7 +95,7 @@ import sys, time, json, resource
 t_import = time.time()
 import numpy as np
 from edgeenc.runtime.bench import bench_audio, load_target, peak_rss_mb
-from edgeenc.export.bundle import read_manifest
+from edgeenc.runtime.bundle import read_manifest
 bundle, backend, variant, threads, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 manifest = read_manifest(bundle)
 audio = bench_audio(int(manifest["sample_rate"]), seconds, 1)

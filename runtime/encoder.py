@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeenc.export.bundle import BundleError, read_manifest, verify_bundle
-
 from .audio import AudioError, iter_blocks
 from .backends import Backend, select_backend
+from .bundle import BundleError, read_manifest, verify_bundle
 from .windows import Window, WindowBatcher, iter_windows
 from .writers import ClassRow
 

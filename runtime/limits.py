@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import BackendUnavailable, import_onnxruntime
+from .backend_protocol import BackendUnavailable
+from .backends import import_onnxruntime
 
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
 MATMUL_OPS = ("MatMul", "Gemm", "FusedMatMul", "MatMulInteger", "QLinearMatMul")

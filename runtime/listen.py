@@ -38,7 +38,7 @@ from .encoder import Encoder
 from .live_store import LiveStore, utc_iso
 from .ring import END, AudioRing, Chunk, Stamper
 from .sources import Source
-from .watch import _detections
+from .watch import window_detections
 from .windows import Batch, Window, WindowBatcher, iter_windows
 
 __all__ = ["ListenSummary", "listen"]
@@ -256,7 +256,7 @@ def _record(batch: Batch, encoder: Encoder, store: LiveStore, file_id: int, summ
     summary.inference_seconds += time.perf_counter() - began
     keys = [batch.keys[i] for i in rows]
     logits = outputs.get("logits")
-    detections = _detections(logits, encoder.labels, top_k, threshold)
+    detections = window_detections(logits, encoder.labels, top_k, threshold)
     clips = []
     if clips_dir is not None:
         clips = [(i, _save_clip(Path(clips_dir), batch.windows[rows[i]], keys[i][2], label, score,

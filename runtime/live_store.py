@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .store import Store, _test_stall
+from .store import Store, stall_if_testing
 
 __all__ = ["LiveStore", "utc_iso"]
 
@@ -112,7 +112,7 @@ class LiveStore(Store):
                           [(ids[i], path, label, score) for i, path, label, score in clips])
             self._totals(c, file_id, audio_seconds, dropped_seconds, restarts)
             self._batches += 1
-            _test_stall(self._batches, f"stream {file_id}")
+            stall_if_testing(self._batches, f"stream {file_id}")
 
     def close_stream(self, file_id: int, *, audio_seconds: float, dropped_seconds: float, restarts: int = 0) -> None:
         with self._transaction() as c:

@@ -63,7 +63,7 @@ def test_flops_scale_with_length(tiny_bundle):
 
 
 def test_optimize_writes_preferred_cpu_model(optimized):
-    from edgeenc.export.bundle import read_manifest, verify_bundle
+    from edgeenc.runtime.bundle import read_manifest, verify_bundle
     from edgeenc.runtime.encoder import Encoder
 
     manifest = read_manifest(optimized)
@@ -91,8 +91,8 @@ def test_optimize_writes_preferred_cpu_model(optimized):
 
 
 def test_runtime_offers_only_gated_variants(optimized):
-    from edgeenc.export.bundle import read_manifest
     from edgeenc.runtime.backends import BackendUnavailable
+    from edgeenc.runtime.bundle import read_manifest
     from edgeenc.runtime.encoder import Encoder
 
     manifest = read_manifest(optimized)
@@ -117,7 +117,7 @@ def test_int8_that_fails_its_gate_is_retried_with_ffn_down_projections_in_fp32(a
     import onnx
 
     from edgeenc.export import optimize as opt
-    from edgeenc.export.bundle import read_manifest
+    from edgeenc.runtime.bundle import read_manifest
 
     out = tmp_path / "bundle"
     shutil.copytree(aliased_beats_bundle, out)

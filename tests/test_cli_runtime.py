@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgeenc.cli import EXIT_SOME_FILES_FAILED, app
+from edgeenc.cli import app
+from edgeenc.cli_common import EXIT_SOME_FILES_FAILED
 from edgeenc.runtime.writers import RAVEN_COLUMNS
 
 BAD_KINDS = ("unreadable", "empty", "truncated", "zero_length", "nan")

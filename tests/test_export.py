@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from edgeenc.cli import app
 from edgeenc.export import pipeline
-from edgeenc.export.bundle import read_manifest, verify_bundle
 from edgeenc.export.onnx_export import read_metadata
 from edgeenc.export.parity import ParityCase, error_stats, rowwise_cosine, run_fp32_gate
 from edgeenc.export.pipeline import export_bundle, ort_runner
 from edgeenc.models.checkpoints import load_model
+from edgeenc.runtime.bundle import read_manifest, verify_bundle
 
 TINY_BEATS = dict(embed_dim=64, depth=2, heads=4, ffn_dim=128, patch_dim=32, conv_pos=16, conv_pos_groups=4)
 runner = CliRunner()

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edgeenc.export.bundle import BundleError
 from edgeenc.runtime.audio import AudioError, load
 from edgeenc.runtime.backends import BackendUnavailable
+from edgeenc.runtime.bundle import BundleError
 from edgeenc.runtime.encoder import Encoder
 
 # The fp32 parity thresholds of DESIGN.md, applied here to the pooled embedding (and logits).

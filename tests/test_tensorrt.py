@@ -19,10 +19,11 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeenc.export import tensorrt as trt_build
-from edgeenc.export.bundle import read_manifest, verify_bundle
 from edgeenc.export.parity import rowwise_cosine
+from edgeenc.runtime import engines
 from edgeenc.runtime import tensorrt_backend as trt_rt
 from edgeenc.runtime.backends import BackendUnavailable, select_backend
+from edgeenc.runtime.bundle import read_manifest, verify_bundle
 
 BEATS = {"sample_rate": 16000, "min_samples": 2800, "window_seconds": 10.0, "architecture": "beats"}
 EAT = {"sample_rate": 16000, "min_samples": 400, "window_seconds": 10.0, "architecture": "eat",
@@ -70,15 +71,15 @@ def _sidecar(**changes) -> dict:
     ({"parity": {"passed": False}}, "failed its parity gate"),
 ])
 def test_sidecar_mismatches_say_why(changes, reason):
-    ok, why = trt_build.sidecar_matches(_sidecar(**changes), "Orin", "8.7", "10.3.0", multiprocessors=8)
+    ok, why = engines.sidecar_matches(_sidecar(**changes), "Orin", "8.7", "10.3.0", multiprocessors=8)
     assert not ok and reason in why
-    assert trt_build.sidecar_matches(_sidecar(), "Orin", "8.7", "10.3.0", multiprocessors=8)[0]
+    assert engines.sidecar_matches(_sidecar(), "Orin", "8.7", "10.3.0", multiprocessors=8)[0]
 
 
 def test_engine_names_and_the_refusal_message():
     name = trt_build.engine_file_name("fp16", "NVIDIA GeForce RTX 4090", "8.9", "10.3.0")
     assert name == "model.fp16.nvidia-geforce-rtx-4090.sm89.trt10.3.0.engine"
-    message = trt_build.refusal_message(Path("bundles/x"), ["a.engine: built with TensorRT 8.6.2"], "Orin", _sidecar())
+    message = engines.refusal_message(Path("bundles/x"), ["a.engine: built with TensorRT 8.6.2"], "Orin", _sidecar())
     assert "a.engine: built with TensorRT 8.6.2" in message
     assert "`edgeenc build bundles/x --precision fp16 --max-batch 8 --max-seconds 30`" in message
 
@@ -93,13 +94,13 @@ def _write_engine(bundle: Path, name: str, sidecar: dict) -> None:
 def test_engine_selection_prefers_fp16_and_refuses_stale_or_foreign_engines(tmp_path):
     manifest = {"files": {"model.onnx": {"sha256": "a1"}}}
     with pytest.raises(BackendUnavailable, match=r"no engine in .*engines.*`edgeenc build"):
-        trt_rt.select_engine(tmp_path, manifest, GPU, "10.3.0")
+        engines.select_engine(tmp_path, manifest, GPU, "10.3.0")
     _write_engine(tmp_path, "fp32.engine", _sidecar(precision="fp32", built_at="2026-01-02"))
     _write_engine(tmp_path, "fp16.engine", _sidecar(built_at="2026-01-01"))
     _write_engine(tmp_path, "old-trt.engine", _sidecar(tensorrt_version="8.6.2", built_at="2026-01-03"))
-    assert trt_rt.select_engine(tmp_path, manifest, GPU, "10.3.0")[0].name == "fp16.engine"
+    assert engines.select_engine(tmp_path, manifest, GPU, "10.3.0")[0].name == "fp16.engine"
     with pytest.raises(BackendUnavailable) as refused:
-        trt_rt.select_engine(tmp_path, {"files": {"model.onnx": {"sha256": "b2"}}}, GPU, "10.3.0")
+        engines.select_engine(tmp_path, {"files": {"model.onnx": {"sha256": "b2"}}}, GPU, "10.3.0")
     assert "built from an earlier export of model.onnx" in str(refused.value)
     assert "old-trt.engine: built with TensorRT 8.6.2" in str(refused.value)
     assert "edgeenc build" in str(refused.value)

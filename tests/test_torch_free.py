@@ -66,7 +66,7 @@ import edgeenc.runtime.backends
 import edgeenc.runtime.audio
 import edgeenc.runtime.windows
 import edgeenc.runtime.writers
-import edgeenc.export.bundle
+import edgeenc.runtime.bundle
 import edgeenc.cli
 import edgeenc.runtime.tensorrt_backend
 import edgeenc.runtime.store
@@ -134,7 +134,7 @@ def test_runtime_is_python_310_compatible():
     vermin = shutil.which("vermin")
     if vermin is None:
         pytest.skip("vermin is not installed (pip install 'edgeenc[dev]')")
-    targets = ["runtime", "edgeenc", "export/bundle.py"]
+    targets = ["runtime", "edgeenc"]
     proc = subprocess.run(
         [vermin, "--no-tips", "--violations", "--eval-annotations", "-t=3.10-", *targets],
         capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
