@@ -39,7 +39,7 @@ from .live_store import LiveStore, utc_iso
 from .ring import END, AudioRing, Chunk, Stamper
 from .sources import Source
 from .watch import window_detections
-from .windows import Batch, Window, WindowBatcher, iter_windows
+from .windows import LAST_POLICIES, Batch, Window, WindowBatcher, iter_windows
 
 __all__ = ["ListenSummary", "listen"]
 
@@ -152,6 +152,8 @@ def listen(
     rate = encoder.sample_rate
     window = window_seconds or encoder.window_seconds
     w = int(round(window * rate))
+    if last not in LAST_POLICIES:
+        raise ValueError(f"last must be one of {', '.join(LAST_POLICIES)}; got {last!r}")
     if clips_dir is not None and (threshold is None or "logits" not in encoder.output_names):
         raise ValueError("saving clips needs a model with a classifier and a --threshold to call a detection")
     hop = int(round((hop_seconds or window) * rate))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Real-time factor and CPU use of `edgeenc listen` with a stdin source paced at real time.
 
-    python benchmarks/listen_rtf.py BUNDLE --seconds 60 --threads 1 2
+    python benchmarks/investigations/listen_rtf.py BUNDLE --seconds 60 --threads 1 2
 
 For each thread count, `edgeenc listen --source -` runs as a child and gets the bundled recording
 (looped, 16-bit PCM at its own 32 kHz, so the resampler is in the path) in 0.1 s blocks on the
