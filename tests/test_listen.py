@@ -31,15 +31,8 @@ CLI = [sys.executable, "-c", "from edgeenc.cli import main; main()"]
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    from edgeenc.export.pipeline import export_bundle
-    from edgeenc.models.checkpoints import load_model
-
-    loaded = load_model("esp_aves2_sl_eat_all_ssl_all", random_init=True, embed_dim=64, depth=2, heads=4,
-                        max_length=64)
-    target = tmp_path_factory.mktemp("bundle") / "tiny"
-    export_bundle(loaded, target)
-    return target
+def bundle(tiny_eat_bundle) -> Path:
+    return tiny_eat_bundle[0]  # width 64, 2 layers, a 10-class head
 
 
 @pytest.fixture(scope="module")
