@@ -367,10 +367,22 @@ def test_ffmpeg_source_restarts_with_backoff(encoder, tmp_path, caplog):
     assert rows(tmp_path / "r.sqlite", "SELECT restarts FROM streams") == [(summary.restarts,)]
 
 
-REAL_FFMPEG = shutil.which(os.environ.get("EDGEENC_TEST_FFMPEG", "ffmpeg"))
+def real_ffmpeg() -> str | None:
+    """$EDGEENC_TEST_FFMPEG, ffmpeg on PATH, or the static build the dev extra's imageio-ffmpeg wheel ships."""
+    found = shutil.which(os.environ.get("EDGEENC_TEST_FFMPEG", "ffmpeg"))
+    if found is None:
+        try:
+            import imageio_ffmpeg
+        except ImportError:
+            return None
+        found = imageio_ffmpeg.get_ffmpeg_exe()
+    return found
 
 
-@pytest.mark.skipif(REAL_FFMPEG is None, reason="no ffmpeg on PATH (or in $EDGEENC_TEST_FFMPEG)")
+REAL_FFMPEG = real_ffmpeg()
+
+
+@pytest.mark.skipif(REAL_FFMPEG is None, reason="no ffmpeg on PATH, in $EDGEENC_TEST_FFMPEG or from imageio-ffmpeg")
 def test_a_real_ffmpeg_reads_the_recording_like_embed(encoder, tmp_path):
     with resources.as_file(BIRDS) as wav:
         reference = encoder.embed_file(wav, window_seconds=1.0, last="drop")
