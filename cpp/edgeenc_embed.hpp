@@ -3,11 +3,14 @@
 // One header, meant to be copied into your own build. It needs ONNX Runtime's C++ API
 // (onnxruntime_cxx_api.h + libonnxruntime), libsndfile and libsoxr; see cpp/README.md.
 //
-//   edgeenc::Model model("bundle/model.onnx");           // refuses a file without edgeenc metadata
-//   auto audio = edgeenc::read_mono("rec.flac", model.info().sample_rate);
-//   auto spans = edgeenc::cut_windows(audio.size(), model.info().sample_rate,
-//                                     model.info().window_seconds, {}, model.info().min_samples);
-//   auto out = model.run(edgeenc::batch_samples(audio, spans_of_one_length, window_samples));
+//   edgeenc::Model model("bundle/model.onnx");             // refuses a file without edgeenc metadata
+//   const edgeenc::ModelInfo& info = model.info();
+//   std::vector<float> audio = edgeenc::read_mono("rec.flac", info.sample_rate);
+//   auto spans = edgeenc::cut_windows(audio.size(), info.sample_rate, info.window_seconds, {},
+//                                     info.min_samples);        // + hop, last-window policy
+//   std::vector<edgeenc::WindowSpan> one{spans[0]};              // a batch: spans of one length
+//   edgeenc::BatchOutput out = model.run(edgeenc::batch_samples(audio, one), 1, one[0].length);
+//   // out.embedding: [rows, info.embedding_dim]; out.logits: [rows, info.num_classes]
 //
 // The window policy is the Python runtime's (runtime/windows.py): keep the two in step.
 // Every failure throws edgeenc::Error, whose what() is one line naming the file and the problem.
@@ -134,7 +137,7 @@ class Model {
  public:
   // threads <= 0 leaves ONNX Runtime's default (one per physical core).
   explicit Model(const std::string& path, int threads = 0)
-      : path_(path), env_(ORT_LOGGING_LEVEL_ERROR, "edgeenc") {
+      : path_(path), env_(make_env()) {
     if (!detail::is_file(path)) throw Error(ErrorKind::Model, path + ": model file does not exist");
     Ort::SessionOptions options;
     options.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
@@ -184,6 +187,15 @@ class Model {
   }
 
  private:
+  // A library older than the headers has no table for their API version; every call would crash.
+  static Ort::Env make_env() {
+    if (!OrtGetApiBase()->GetApi(ORT_API_VERSION))
+      throw Error(ErrorKind::Model, std::string("libonnxruntime ") + OrtGetApiBase()->GetVersionString() +
+                                        " is older than the headers edgeenc-embed was built with (C API " +
+                                        std::to_string(ORT_API_VERSION) + "); rebuild against one library");
+    return Ort::Env(ORT_LOGGING_LEVEL_ERROR, "edgeenc");
+  }
+
   static std::string one_line(std::string text) {
     std::replace(text.begin(), text.end(), '\n', ' ');
     return text;
