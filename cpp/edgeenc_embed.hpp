@@ -363,13 +363,18 @@ inline std::vector<float> read_mono(const std::string& path, int target_rate) {
 // ---------------------------------------------------------------------------------------------
 // Windows, exactly as runtime/windows.py cuts them (see its docstring for the policy).
 
-enum class LastPolicy { Short, Pad, Drop };
+enum class LastPolicy { Auto, Short, Pad, Drop };
+
+// runtime/windows.py AUTO_MIN_SECONDS: under "auto" a final partial window shorter than this (or
+// than half the window) after real windows is dropped.
+constexpr double kAutoMinSeconds = 1.0;
 
 inline LastPolicy parse_last_policy(const std::string& name) {
+  if (name == "auto") return LastPolicy::Auto;
   if (name == "short") return LastPolicy::Short;
   if (name == "pad") return LastPolicy::Pad;
   if (name == "drop") return LastPolicy::Drop;
-  throw std::invalid_argument("last must be one of short, pad, drop; got '" + name + "'");
+  throw std::invalid_argument("last must be one of auto, short, pad, drop; got '" + name + "'");
 }
 
 struct WindowSpan {
@@ -381,13 +386,13 @@ struct WindowSpan {
 };
 
 // Whether the final partial window (`real` samples after the last full one) is emitted.
-// `only_window`: no full window came before it, i.e. the whole file is shorter than a window.
-inline bool keep_final_partial(LastPolicy last, int64_t real, int64_t window, int64_t min_samples,
+// `only_window`: no full window came before it, i.e. the whole file is shorter than a window; such a
+// file keeps its one window under "auto" however short (down to min_samples).
+inline bool keep_final_partial(LastPolicy last, int64_t real, int64_t window, int64_t min_samples, int rate,
                                bool only_window) {
-  (void)window;
-  (void)only_window;  // the policies of runtime/windows.py today look at neither
-  if (last == LastPolicy::Drop) return false;
-  return real >= min_samples;
+  if (last == LastPolicy::Drop || real < min_samples) return false;
+  const bool too_short = 2 * real < window || double(real) < kAutoMinSeconds * rate;
+  return !(last == LastPolicy::Auto && !only_window && too_short);
 }
 
 inline int64_t seconds_to_samples(double seconds, int rate, const char* what) {
@@ -403,7 +408,7 @@ inline int64_t seconds_to_samples(double seconds, int rate, const char* what) {
 // covered and `last` keeps it. hop_seconds empty: H = W.
 inline std::vector<WindowSpan> cut_windows(int64_t total, int rate, double window_seconds,
                                            std::optional<double> hop_seconds, int64_t min_samples,
-                                           LastPolicy last = LastPolicy::Short) {
+                                           LastPolicy last = LastPolicy::Auto) {
   if (rate <= 0) throw std::invalid_argument("sample_rate must be positive");
   if (min_samples < 1) throw std::invalid_argument("min_samples must be at least 1");
   const int64_t w = seconds_to_samples(window_seconds, rate, "window");
@@ -416,7 +421,7 @@ inline std::vector<WindowSpan> cut_windows(int64_t total, int rate, double windo
   }
   if (total <= std::max(next_start, last_full_end)) return spans;
   const int64_t real = total - next_start;
-  if (keep_final_partial(last, real, w, min_samples, spans.empty()))
+  if (keep_final_partial(last, real, w, min_samples, rate, spans.empty()))
     spans.push_back({next_start, real, last == LastPolicy::Pad ? w : real});
   return spans;
 }

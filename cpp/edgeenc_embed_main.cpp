@@ -24,8 +24,9 @@ const char* const kUsage = R"(usage: edgeenc-embed MODEL AUDIO [options]
 options:
   --window S       window length in seconds (default: the model's window_seconds)
   --hop S          seconds between window starts (default: the window length)
-  --last POLICY    the final partial window: short (its true length, default), pad (zeros to
-                   the window length) or drop
+  --last POLICY    the final partial window: auto (default: its true length, but dropped when
+                   under half the window or 1 s, unless it is the file's only window), short
+                   (its true length), pad (zeros to the window length) or drop
   --batch N        windows per inference call (default 8)
   --threads N      ONNX Runtime intra-op threads (default: ONNX Runtime's)
   --labels FILE    labels.json of a classifier bundle: print the top-k labels of each window
@@ -40,7 +41,7 @@ output: one line per window, "start end v0 ... vN-1" (seconds, then the embeddin
 struct Options {
   std::string model, audio, labels;
   std::optional<double> window, hop;
-  edgeenc::LastPolicy last = edgeenc::LastPolicy::Short;
+  edgeenc::LastPolicy last = edgeenc::LastPolicy::Auto;
   int batch = 8, threads = 0, top_k = 5;
   bool json = false, timing = false;
 };

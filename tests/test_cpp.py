@@ -95,14 +95,27 @@ def stereo_flac(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "options",
-    [(), ("--window", "4", "--hop", "3"), ("--window", "3", "--hop", "4"), ("--last", "pad"), ("--last", "drop"),
-     ("--window", "2", "--batch", "3")],
-    ids=["default", "overlap", "gaps", "pad", "drop", "batch3"],
+    [(), ("--window", "8"), ("--window", "4"), ("--window", "4", "--hop", "3"), ("--window", "3", "--hop", "4"),
+     ("--last", "short"), ("--last", "pad"), ("--last", "drop"), ("--window", "2", "--batch", "3")],
+    # auto (the default) drops the 0.13 s tail, drops a 2.13 s tail of an 8 s window (under half of
+    # it) and keeps a 2.13 s tail of a 4 s window.
+    ids=["default", "auto-half", "auto-keeps", "overlap", "gaps", "short", "pad", "drop", "batch3"],
 )
 def test_tiny_eat_matches_python_embed(edgeenc_embed, tiny_eat_bundle, tmp_path, options):
     bundle = tiny_eat_bundle[0]
     assert_same_windows(cpp_json(edgeenc_embed, bundle, BIRDS_WAV, *options),
                         python_embed(bundle, BIRDS_WAV, tmp_path, *options))
+
+
+def test_file_shorter_than_a_second_is_one_window(edgeenc_embed, tiny_eat_bundle, tmp_path):
+    import soundfile as sf
+
+    samples, rate = sf.read(BIRDS_WAV, dtype="float32")
+    clip = tmp_path / "half_second.wav"
+    sf.write(clip, samples[: rate // 2], rate)
+    cpp = cpp_json(edgeenc_embed, tiny_eat_bundle[0], clip)
+    assert len(cpp["windows"]) == 1
+    assert_same_windows(cpp, python_embed(tiny_eat_bundle[0], clip, tmp_path))
 
 
 def test_stereo_44k_flac_is_downmixed_and_resampled_like_python(edgeenc_embed, tiny_eat_bundle, stereo_flac, tmp_path):
@@ -212,6 +225,6 @@ def test_refuses_missing_audio_and_input_shorter_than_the_minimum(edgeenc_embed,
 
 def test_refuses_bad_options(edgeenc_embed, tiny_beats_bundle, tiny_eat_bundle):
     assert_refused(run_cpp(edgeenc_embed, tiny_beats_bundle[0], BIRDS_WAV, "--last", "most"), EXIT_USAGE,
-                   "short, pad, drop")
+                   "auto, short, pad, drop")
     assert_refused(run_cpp(edgeenc_embed, tiny_beats_bundle[0], BIRDS_WAV, "--labels",
                            tiny_eat_bundle[0] / "labels.json"), EXIT_USAGE, "no classifier head")

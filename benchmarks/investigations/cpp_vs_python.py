@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cold start and per-window time of cpp/build/edgeenc-embed next to the Python runtime, one run.
 
-    python benchmarks/cpp_vs_python.py BUNDLE [AUDIO] [--rounds 5] [--threads 2]
+    python benchmarks/investigations/cpp_vs_python.py BUNDLE [AUDIO] [--rounds 5] [--threads 2]
 
 Each round runs, one after the other (interleaved, so both see the machine's state of the moment):
 - C++: `edgeenc-embed BUNDLE AUDIO --threads T --timing`, a fresh process;
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 PYTHON_RUN = """
 import json, sys, time
