@@ -20,7 +20,11 @@ def bench(
     cold: bool = typer.Option(True, "--cold/--no-cold", help="measure cold start in a fresh process"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the full report as JSON here"),
 ) -> None:
-    """Latency p50/p90/p99, real-time factor, throughput, cold start, memory and % of the GEMM peak."""
+    """Latency p50/p90/p99, real-time factor, throughput, cold start, memory and % of the GEMM limit.
+
+    The limit is measured in the same run: the best of numpy (BLAS overrides such as OPENBLAS_CORETYPE
+    removed) and ONNX Runtime's own MatMul; int8 rows get an int8 limit.
+    """
     from edgeenc.runtime.backend_protocol import BackendUnavailable
     from edgeenc.runtime.bench import format_table, report_json, run_bench
     from edgeenc.runtime.bundle import BundleError

@@ -52,7 +52,7 @@ def expand_audio(paths: list[Path]) -> list[Path]:
 
 
 def open_encoder(bundle: Path, device: str, threads: int | None, variant: str | None = None,
-                 engine: str | None = None):
+                 verbose: bool = False, engine: str | None = None):
     from edgeenc.runtime.backend_protocol import BackendUnavailable
     from edgeenc.runtime.bundle import BundleError
     from edgeenc.runtime.encoder import Encoder
@@ -62,7 +62,7 @@ def open_encoder(bundle: Path, device: str, threads: int | None, variant: str | 
     except (BundleError, BackendUnavailable, ValueError) as exc:
         err(str(exc))
         raise typer.Exit(2) from None
-    for line in encoder.backend_log:
+    for line in encoder.backend_log if verbose else encoder.backend_brief:
         note(line)
     if encoder.manifest.get("random_init"):
         note("warning: this bundle holds RANDOM weights (--random-init): outputs are meaningless")
@@ -110,7 +110,9 @@ def audio_files(audio: list[Path]) -> list[Path]:
 # Options that every command running recordings through a bundle shares.
 WindowOpt = Annotated[float | None, typer.Option(help="window seconds (default: the model's native length)")]
 HopOpt = Annotated[float | None, typer.Option(help="hop seconds (default: = window)")]
-LastOpt = Annotated[str, typer.Option(help="last partial window: short (true length), pad, or drop")]
+LastOpt = Annotated[str, typer.Option(help="last partial window: auto (default: its true length, but dropped "
+                                            "when shorter than half the window or 1 s, unless it is the file's "
+                                            "only window), short (true length, always), pad, or drop")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, trt, cuda or cpu")]
 BatchOpt = Annotated[int, typer.Option(help="windows per inference batch")]
 ChannelOpt = Annotated[int | None, typer.Option(help="use this channel (0-based) instead of the mean")]
@@ -119,6 +121,7 @@ VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. 
                                                     "openvino (see `edgeenc info`; default: the bundle's timed one)")]
 EngineOpt = Annotated[str | None, typer.Option(help="CPU engine: onnxruntime or openvino (default: the bundle's timed "
                                                    "CPU default)")]
+VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="say why every other backend was skipped")]
 
 
 def window_options(window, hop, last, batch, channel) -> dict:

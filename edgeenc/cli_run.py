@@ -17,6 +17,7 @@ from edgeenc.cli_common import (
     LastOpt,
     ThreadsOpt,
     VariantOpt,
+    VerboseOpt,
     WindowOpt,
     audio_files,
     err,
@@ -116,13 +117,14 @@ def embed(
     out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
     window: WindowOpt = None,
     hop: HopOpt = None,
-    last: LastOpt = "short",
+    last: LastOpt = "auto",
     device: DeviceOpt = "auto",
     batch: BatchOpt = 8,
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
     engine: EngineOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
@@ -130,7 +132,7 @@ def embed(
     from edgeenc.runtime.writers import WriterError, write_embeddings
 
     files = audio_files(audio)
-    encoder = open_encoder(bundle, device, threads, variant, engine)
+    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=engine)
     results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
     dim = encoder.embedding_dim
     try:
@@ -157,20 +159,21 @@ def classify(
     activation: str = typer.Option("softmax", help="softmax (one label per window) or sigmoid (independent)"),
     window: WindowOpt = None,
     hop: HopOpt = None,
-    last: LastOpt = "short",
+    last: LastOpt = "auto",
     device: DeviceOpt = "auto",
     batch: BatchOpt = 8,
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
     engine: EngineOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
     from edgeenc.runtime.writers import WriterError, write_classifications
 
     files = audio_files(audio)
-    encoder = open_encoder(bundle, device, threads, variant, engine)
+    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=engine)
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)

@@ -34,7 +34,7 @@ def watch(
     if not inbox.is_dir():
         err(f"{inbox}: inbox is not a folder")
         raise typer.Exit(2)
-    encoder = open_encoder(bundle, device, threads, variant, engine)
+    encoder = open_encoder(bundle, device, threads, variant, engine=engine)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("edgeenc.runtime.watch").setLevel(logging.WARNING)  # events are printed below instead

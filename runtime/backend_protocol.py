@@ -12,7 +12,15 @@ import numpy as np
 
 
 class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says what to install or build."""
+    """The requested backend cannot run here; the message says what to install or build.
+
+    `not_installed` marks the plain case of a machine without that backend's software (no tensorrt, an
+    onnxruntime without CUDA): nothing is broken, so `--device auto` need not explain it at length.
+    """
+
+    def __init__(self, message: str, *, not_installed: bool = False):
+        super().__init__(message)
+        self.not_installed = not_installed
 
 
 class Backend(Protocol):

@@ -5,12 +5,15 @@ imported only when a backend is made.
 
 cuda-python renamed its modules in 12.6.1 (`cuda.cudart` -> `cuda.bindings.runtime`) and 13.0
 dropped the old names; both are tried. One non-default stream; device buffers and pinned host
-buffers per I/O tensor, reused across calls and grown when a bigger shape arrives.
+buffers per I/O tensor, reused across calls and grown when a bigger shape arrives. Which call
+exists in which TensorRT / cuda-python release, with the source of each rule: docs/jetson.md,
+"API rules by version".
 """
 
 from __future__ import annotations
 
 import ctypes
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +21,34 @@ import numpy as np
 from .engines import Profile, TensorRTUnavailable, rebuild_command, select_engine
 
 ON_JETSON = Path("/etc/nv_tegra_release").exists()
-DESKTOP_TENSORRT = "pip install 'edgeenc[tensorrt]' (the tensorrt wheel; tensorrt-cu12 on CUDA 12)"
+DESKTOP_TENSORRT = ("pip install 'edgeenc[tensorrt]' (CUDA 13 driver, r580+), or 'edgeenc[tensorrt-cu12]' on a "
+                    "CUDA 12 driver")
 JETSON_TENSORRT = ("use JetPack's TensorRT (sudo apt install nvidia-jetpack, which brings python3-libnvinfer) from a "
                    "venv made with --system-site-packages, never a pip wheel (docs/jetson.md)")
+
+
+# The name-based tensor API (num_io_tensors, set_input_shape, set_tensor_address, execute_async_v3) that
+# the backend uses exists from TensorRT 8.5 (NVIDIA/TensorRT@release/8.6:python/docstrings/infer/pyCoreDoc.h);
+# 8.6 is JetPack 6.0's. 12.x is unknown: refused rather than guessed at.
+OLDEST_TENSORRT, NEWEST_TENSORRT_MAJOR = (8, 5), 11
+
+
+def tensorrt_version(trt) -> tuple[int, int]:
+    """(major, minor) of an imported tensorrt module."""
+    major, minor = (re.findall(r"\d+", str(trt.__version__)) + ["0", "0"])[:2]
+    return int(major), int(minor)
+
+
+def cuda_python_version() -> str | None:
+    """The installed cuda-bindings (13.x, 12.6.1+) or cuda-python (older 12.x) release, for messages."""
+    from importlib import metadata
+
+    for name in ("cuda-bindings", "cuda-python"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def import_cudart():
@@ -62,10 +90,15 @@ def require_tensorrt():
         hints = [f"on a desktop GPU {DESKTOP_TENSORRT}", f"on Jetson {JETSON_TENSORRT}"]
         hints = hints[::-1] if ON_JETSON else hints
         problems.append("the tensorrt Python package is not installed: " + "; ".join(hints))
+    else:
+        version = tensorrt_version(trt)
+        if version < OLDEST_TENSORRT or version[0] > NEWEST_TENSORRT_MAJOR:
+            problems.append(f"TensorRT {trt.__version__} is not supported: edgeenc runs TensorRT 8.5 to "
+                            f"{NEWEST_TENSORRT_MAJOR}.x (docs/jetson.md)")
     cudart = import_cudart()
     if cudart is None:
-        problems.append("cuda-python is not installed (device memory and streams): pip install cuda-python "
-                        "(a 12.x release on CUDA 12 / JetPack 6)")
+        problems.append("cuda-python is not installed (device memory and streams): pip install 'cuda-python>=13,<14' "
+                        "on a CUDA 13 driver, 'cuda-python>=12.2,<13' on CUDA 12 / JetPack 6")
     else:
         try:
             count = _cuda(cudart.cudaGetDeviceCount())
@@ -73,10 +106,15 @@ def require_tensorrt():
             count, detail = 0, str(exc)
         else:
             detail = "cudaGetDeviceCount() is 0"
-        if not count:
+        if not count and "InsufficientDriver" in detail:
+            # cuda-bindings 13 links the CUDA 13 runtime statically and needs an r580+ driver
+            # (nvidia.github.io/cuda-python: cuda-bindings 13.0.3 and 13.2.0 release notes).
+            problems.append(f"cuda-python {cuda_python_version()} needs a newer NVIDIA driver than this machine's "
+                            f"({detail}): on a CUDA 12 driver (JetPack 6 included) pip install 'cuda-python>=12.2,<13'")
+        elif not count:
             problems.append(f"no CUDA GPU is visible ({detail}); TensorRT builds and runs engines on NVIDIA GPUs only")
     if problems:
-        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems))
+        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems), not_installed=trt is None)
     return trt, cudart
 
 

@@ -114,8 +114,8 @@ def test_embed_cli_without_torch(tiny_eat_bundle, torch_free_audio, tmp_path, bl
     assert proc.returncode == 0, proc.stderr
     assert_torch_free(proc, report)
     with np.load(out) as data:
-        assert data["embeddings"].shape == (2 + 1, 64)
-        assert list(data["file"]) == [str(torch_free_audio[0])] * 2 + [str(torch_free_audio[1])]
+        assert data["embeddings"].shape == (1 + 1, 64)  # 10.13 s (its 0.13 s tail dropped) and 5 s: one each
+        assert list(data["file"]) == [str(torch_free_audio[0]), str(torch_free_audio[1])]
 
 
 @pytest.mark.parametrize("block", [True, False], ids=["torch-blocked", "torch-installed"])
@@ -127,7 +127,7 @@ def test_classify_cli_without_torch(tiny_eat_bundle, torch_free_audio, tmp_path,
     assert_torch_free(proc, report)
     lines = out.read_text().splitlines()
     assert lines[0] == "file,start,end,rank,label,score"
-    assert len(lines) == 1 + 3 * 2
+    assert len(lines) == 1 + 2 * 2  # header, two windows of two labels
 
 
 def test_runtime_is_python_310_compatible():
