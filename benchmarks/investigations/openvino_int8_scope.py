@@ -75,8 +75,9 @@ def main() -> None:
         backend = OpenVinoBackend(path, names, precision="int8", threads=args.threads)
         report = run_reduced_gate(label, backend.run, references, cases, token_cosine=LOWP_TOKEN_COSINE)
         worst = report.summary["worst"]
-        print(f"{label:40s} gate {'PASS' if report.passed else 'FAIL'}  min token cos "
-              f"{worst['tokens']['min_cosine']:.5f}  centred embedding cos {worst['embedding_centred']['min_cosine']:.4f}")
+        tokens, centred = worst["tokens"]["min_cosine"], worst["embedding_centred"]["min_cosine"]
+        print(f"{label:40s} gate {'PASS' if report.passed else 'FAIL'}  min token cos {tokens:.5f}  "
+              f"centred embedding cos {centred:.4f}")
         if report.passed:
             passing.append(Target("cpu", label, "int8", backend))
     passing.append(Target("cpu", "bf16 (model.onnx)", "bf16",
