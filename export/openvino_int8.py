@@ -5,8 +5,8 @@ the ONNX Runtime int8 files (export/optimize.py), and so are the convolutions (B
 and positional conv): on the full-size BEATs fixture with them in int8 the mean-centred embedding
 cosine was 0.972 (gate 0.99), with them in fp32 0.9976 (per-token 0.99942), and keeping the
 attention's activation x activation MatMuls or the fc2 layers in fp32 as well changed nothing
-(0.972 without the convs, 0.9977 with them; /tmp scripts of this session, OpenVINO 2026.4.1, NNCF
-3.4.0, Zen 5). NNCF's transformer preset keeps softmax / layer norms / GELU in floating point.
+(0.972 without the convs, 0.9977 with them; benchmarks/investigations/openvino_int8_scope.py,
+OpenVINO 2026.4.1, NNCF 3.4.0, Zen 5). NNCF's transformer preset keeps softmax / layer norms / GELU in floating point.
 SmoothQuant is off: it folded scales into the fbank's own MatMuls, which must stay exact fp32, and
 with it the centred embedding cosine fell to 0.885. The result is an OpenVINO IR pair
 (model.openvino-int8.xml / .bin) beside model.onnx; the runtime reads it with OpenVINO only. Weights are
