@@ -12,6 +12,8 @@ from typing import Annotated
 
 import typer
 
+from edgeenc.cli_ray import AddressOpt, EngineOpt, RangeOpt, ThreadsPerWorkerOpt, WorkersOpt
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
 EXIT_PARITY_FAILED = 3
@@ -275,6 +277,22 @@ def _window_options(window, hop, last, batch, channel) -> dict:
     return {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
 
 
+def _on_ray(engine: str, bundle, audio, out, options: dict, device, variant, address, workers, threads_per_worker,
+            range_seconds, classify: dict | None = None) -> bool:
+    """Run the command on Ray when --engine ray asks for it; False for the single-process engine."""
+    from edgeenc.cli_ray import ENGINES, run_ray_command
+
+    if engine not in ENGINES:
+        err(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
+        raise typer.Exit(2)
+    if engine == "ray":
+        channel = options.pop("channel")
+        run_ray_command(bundle, audio, out, window_options=options, channel=channel, device=device, variant=variant,
+                        address=address, workers=workers, threads_per_worker=threads_per_worker,
+                        range_seconds=range_seconds, classify=classify)
+    return engine == "ray"
+
+
 @app.command()
 def embed(
     bundle: Path = typer.Argument(..., help="a bundle folder"),
@@ -288,9 +306,18 @@ def embed(
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
+    engine: EngineOpt = "single",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    threads_per_worker: ThreadsPerWorkerOpt = 1,
+    range_seconds: RangeOpt = 600.0,
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
+
+    if _on_ray(engine, bundle, audio, out, _window_options(window, hop, last, batch, channel), device, variant,
+               address, workers, threads_per_worker, range_seconds):
+        return
 
     from edgeenc.runtime.writers import WriterError, write_embeddings
 
@@ -329,11 +356,20 @@ def classify(
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
+    engine: EngineOpt = "single",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    threads_per_worker: ThreadsPerWorkerOpt = 1,
+    range_seconds: RangeOpt = 600.0,
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
     from edgeenc.runtime.writers import WriterError, write_classifications
 
+    if _on_ray(engine, bundle, audio, out, _window_options(window, hop, last, batch, channel), device, variant,
+               address, workers, threads_per_worker, range_seconds,
+               classify={"top_k": top_k, "threshold": threshold, "activation": activation}):
+        return
     files = _audio_files(audio)
     encoder = _open_encoder(bundle, device, threads, variant)
     if "logits" not in encoder.output_names:
