@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from edgeenc.cli_common import EXIT_PARITY_FAILED, err, note
+
 
 def bench(
     bundle: Path = typer.Argument(..., help="a bundle folder written by `edgeenc export`"),
@@ -18,25 +20,29 @@ def bench(
     cold: bool = typer.Option(True, "--cold/--no-cold", help="measure cold start in a fresh process"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the full report as JSON here"),
 ) -> None:
-    """Latency p50/p90/p99, real-time factor, throughput, cold start, memory and % of the GEMM peak."""
-    from edgeenc.export.bundle import BundleError
-    from edgeenc.runtime.backends import BackendUnavailable
+    """Latency p50/p90/p99, real-time factor, throughput, cold start, memory and % of the GEMM limit.
+
+    The limit is measured in the same run: the best of numpy (BLAS overrides such as OPENBLAS_CORETYPE
+    removed) and ONNX Runtime's own MatMul; int8 rows get an int8 limit.
+    """
+    from edgeenc.runtime.backend_protocol import BackendUnavailable
     from edgeenc.runtime.bench import format_table, report_json, run_bench
+    from edgeenc.runtime.bundle import BundleError
 
     if any(b < 1 for b in batch) or runs < 1 or warmup < 0:
-        typer.secho("error: --batch and --runs must be >= 1, --warmup >= 0", fg=typer.colors.RED, err=True)
+        err("--batch and --runs must be >= 1, --warmup >= 0")
         raise typer.Exit(2)
     try:
         report = run_bench(bundle, device=device, batches=batch, seconds=seconds, runs=runs, warmup=warmup,
-                           threads=threads, cold=cold, progress=lambda m: typer.echo(m, err=True))
+                           threads=threads, cold=cold, progress=note)
     except (BundleError, BackendUnavailable, ValueError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        err(str(exc))
         raise typer.Exit(2) from None
     typer.echo(format_table(report))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(report_json(report) + "\n")
-        typer.echo(f"wrote {json_out}", err=True)
+        note(f"wrote {json_out}")
 
 
 def optimize(
@@ -50,18 +56,18 @@ def optimize(
                                                    "CPUs, whose u8 x s8 kernel saturates), s8 or u8"),
 ) -> None:
     """Write model.cpu.onnx (fused fp32) and int8 variants; only those passing their gate are listed."""
-    from edgeenc.export.bundle import BundleError
     from edgeenc.export.optimize import optimize_bundle
+    from edgeenc.runtime.bundle import BundleError
 
     try:
         summary = optimize_bundle(bundle, int8=int8, dynamic=dynamic, keep_fp32=keep_fp32, keep_failed=keep_failed,
                                   threads=threads, int8_weights=int8_weights,
-                                  progress=lambda m: typer.echo(m, err=True))
+                                  progress=note)
     except (BundleError, ValueError) as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        err(str(exc))
         raise typer.Exit(2) from None
     for name, entry in summary.items():
         status = "PASS" if entry.get("parity") else ("not written" if entry.get("written") is False else "FAIL")
         typer.echo(f"{name}: {status} {entry.get('figures') or entry.get('reason', '')}")
     if not summary["model.cpu.onnx"]["parity"]:
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_PARITY_FAILED)

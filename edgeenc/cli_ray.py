@@ -1,7 +1,7 @@
 """`edgeenc embed|classify --engine ray`: the same commands over an archive, on a local or existing Ray cluster.
 
-Only `--engine ray` imports ray (and this module's run function); the options are declared here so that
-`embed` and `classify` each name them in one line.
+Only `--engine ray` imports ray; the options are declared here so that `embed` and `classify` (cli_run)
+each name them in one line.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from edgeenc.cli_common import EXIT_SOME_FILES_FAILED, err, note, open_encoder
+
 ENGINES = ("single", "ray")
 
 EngineOpt = Annotated[str, typer.Option(help="single (this process) or ray (Parquet shards into the -o folder)")]
@@ -23,19 +25,10 @@ ThreadsPerWorkerOpt = Annotated[int, typer.Option(help="--engine ray: ONNX Runti
 RangeOpt = Annotated[float, typer.Option(help="--engine ray: seconds of audio per work item of a long file")]
 
 
-def _cli():
-    # edgeenc.cli imports this module while it declares its commands, so its helpers are fetched lazily.
-    from edgeenc import cli
-
-    return cli
-
-
 def run_ray_command(bundle: Path, audio: list[Path], out: Path, *, window_options: dict, channel: int | None,
                     device: str, variant: str | None, address: str | None, workers: int, threads_per_worker: int,
-                    range_seconds: float, classify: dict | None = None) -> None:
+                    range_seconds: float, verbose: bool = False, classify: dict | None = None) -> None:
     """Embed (or, with `classify` = top_k/threshold/activation, classify) AUDIO into the folder OUT on Ray."""
-    cli = _cli()
-    err, note = cli.err, cli.note
     if out.suffix.lower() in (".npz", ".csv", ".parquet", ".txt"):
         err(f"{out}: --engine ray writes a folder of Parquet shards; pass -o FOLDER")
         raise typer.Exit(2)
@@ -51,7 +44,7 @@ def run_ray_command(bundle: Path, audio: list[Path], out: Path, *, window_option
     from edgeenc.runtime.store import bundle_identity
 
     # On the driver only to check the bundle, variant and head before any worker starts: CPU is enough.
-    encoder = cli._open_encoder(bundle, "cpu", 1, variant)
+    encoder = open_encoder(bundle, "cpu", 1, variant, verbose)
     if classify is not None and "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)
@@ -86,7 +79,7 @@ def run_ray_command(bundle: Path, audio: list[Path], out: Path, *, window_option
          f"in {wall:.1f} s ({seconds / max(wall, 1e-9):.1f}x real time); wrote {output.shards}")
     if failed:
         note(f"failures are listed in {output.failures_path}: fix or remove those files and run again to resume")
-        raise typer.Exit(cli.EXIT_SOME_FILES_FAILED)
+        raise typer.Exit(EXIT_SOME_FILES_FAILED)
 
 
 def _follow(outcomes, files: int, total_seconds: float, started: float) -> tuple[int, int, float]:
@@ -112,3 +105,19 @@ def _follow(outcomes, files: int, total_seconds: float, started: float) -> tuple
     finally:
         bar.close()
     return done, failed, seconds
+
+
+def on_ray(engine: str, bundle: Path, audio: list[Path], out: Path, options: dict, device: str, variant: str | None,
+           address: str | None, workers: int, threads_per_worker: int, range_seconds: float, verbose: bool,
+           classify: dict | None = None) -> bool:
+    """Run the command on Ray when --engine ray asks for it; False for the single-process engine."""
+    if engine not in ENGINES:
+        err(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
+        raise typer.Exit(2)
+    if engine == "ray":
+        options = dict(options)
+        channel = options.pop("channel")
+        run_ray_command(bundle, audio, out, window_options=options, channel=channel, device=device, variant=variant,
+                        address=address, workers=workers, threads_per_worker=threads_per_worker,
+                        range_seconds=range_seconds, verbose=verbose, classify=classify)
+    return engine == "ray"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-EXIT_UNAVAILABLE = 2
+from edgeenc.cli_common import EXIT_PARITY_FAILED, EXIT_UNAVAILABLE, err, note, progress_printer
 
 
 def build(
@@ -19,9 +19,8 @@ def build(
     workspace_gb: float = typer.Option(2.0, help="builder workspace limit in GiB (Jetson: shared with the system)"),
 ) -> None:
     """Build a TensorRT engine for this GPU into BUNDLE/engines/ and add it to the manifest."""
-    from edgeenc.cli import EXIT_PARITY_FAILED, _progress_printer, err, note
-    from edgeenc.export.bundle import BundleError, read_manifest
     from edgeenc.export.tensorrt import PRECISIONS, BuildError, TensorRTUnavailable, build_engine, compute_profile
+    from edgeenc.runtime.bundle import BundleError, read_manifest
 
     if precision not in PRECISIONS:
         err(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -38,7 +37,7 @@ def build(
         for line in profile.notes:
             note(f"note: {line}")
         result = build_engine(bundle, precision=precision, profile=profile, workspace_gb=workspace_gb,
-                              progress=_progress_printer())
+                              progress=progress_printer())
     except (TensorRTUnavailable, BundleError, ValueError) as exc:
         err(str(exc))
         raise typer.Exit(EXIT_UNAVAILABLE) from None

@@ -8,14 +8,7 @@ from pathlib import Path
 
 import typer
 
-EXIT_LOCKED = 5
-
-
-def _cli():
-    # edgeenc.cli imports this module while it registers commands, so its helpers are fetched lazily.
-    from edgeenc import cli
-
-    return cli
+from edgeenc.cli_common import EXIT_LOCKED, EXIT_SOME_FILES_FAILED, err, note, open_encoder
 
 
 def watch(
@@ -32,8 +25,6 @@ def watch(
     quiet: bool = typer.Option(False, "--quiet", help="log only failures"),
 ) -> None:
     """Process every recording that lands in INBOX exactly once, into a crash-safe SQLite file."""
-    cli = _cli()
-    err, note = cli.err, cli.note
     from edgeenc.runtime.store import StoreError, StoreLocked
     from edgeenc.runtime.watch import store_for
     from edgeenc.runtime.watch import watch as run_watch
@@ -41,7 +32,7 @@ def watch(
     if not inbox.is_dir():
         err(f"{inbox}: inbox is not a folder")
         raise typer.Exit(2)
-    encoder = cli._open_encoder(bundle, device, threads)
+    encoder = open_encoder(bundle, device, threads)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("edgeenc.runtime.watch").setLevel(logging.WARNING)  # events are printed below instead
@@ -69,7 +60,7 @@ def watch(
          f"{db} holds {totals['done']} done, {totals['failed']} failed, {totals['windows']} windows"
          + (" (stopped by signal)" if summary.interrupted else ""))
     if once and summary.failed:
-        raise typer.Exit(cli.EXIT_SOME_FILES_FAILED)
+        raise typer.Exit(EXIT_SOME_FILES_FAILED)
 
 
 def export_db(
@@ -77,7 +68,6 @@ def export_db(
     out: Path = typer.Option(..., "-o", "--out", help="output .csv or .parquet"),
 ) -> None:
     """One row per window: file, start, end, top label and score (if any), embedding."""
-    err, note = _cli().err, _cli().note
     from edgeenc.runtime.store import Store, StoreError, export_table
     from edgeenc.runtime.writers import WriterError
 
@@ -99,8 +89,6 @@ def search(
     threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
 ) -> None:
     """The stored windows nearest to AUDIO (cosine over embeddings)."""
-    cli = _cli()
-    err, note = cli.err, cli.note
     from edgeenc.runtime.audio import AudioError
     from edgeenc.runtime.store import Store, StoreError, bundle_identity
 
@@ -110,7 +98,7 @@ def search(
         err(str(exc))
         raise typer.Exit(2) from None
     with store:
-        encoder = cli._open_encoder(bundle, device, threads)
+        encoder = open_encoder(bundle, device, threads)
         meta = store.meta()
         model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
         if (meta.get("model_id"), meta.get("bundle_hash")) != (model_id, bundle_hash):

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import bundle as bundle_io
+from edgeenc.runtime import bundle as bundle_io
+
 from .layout import cpu_layout
 from .parity import (
     FP32_COSINE_GAP,

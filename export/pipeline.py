@@ -13,8 +13,8 @@ import torch
 
 from edgeenc import __version__
 from edgeenc.models.checkpoints import LoadedModel
+from edgeenc.runtime import bundle as bundle_io
 
-from . import bundle as bundle_io
 from .onnx_export import DEFAULT_OPSET, export_onnx, output_names
 from .opcheck import op_report
 from .parity import FP16_TOKEN_COSINE, ParityReport, ort_runner, parity_cases, run_fp32_gate, run_reduced_gate

@@ -1,9 +1,8 @@
 """`edgeenc build`: a TensorRT engine for this GPU from a bundle, gated on parity with ONNX Runtime.
 
 Everything but `build_engine` needs no GPU and no tensorrt, so CI tests it: the profile, the
-precision plan, engine names, sidecar matching and refusal messages (the last three live in
-runtime/tensorrt_backend.py, which the runtime uses without export code, and are re-exported
-here). The build follows shared/reference/tensorrt-jetson.md:
+precision plan, and through runtime/engines.py (the rules the runtime loads by) engine names,
+sidecar matching and refusal messages. The build follows shared/reference/tensorrt-jetson.md:
 
 - fp16 on TensorRT >= 10: a STRONGLY_TYPED network from model.fp16.onnx, whose Casts keep the
   front end, LayerNorm, softmax and pooling in fp32 (export/fp16.py);
@@ -29,20 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeenc import __version__
-from edgeenc.runtime.tensorrt_backend import (  # noqa: F401  (re-exported: the rules engines are judged by)
+from edgeenc.runtime import bundle as bundle_io
+from edgeenc.runtime.engines import (
     ENGINES_DIR,
     Profile,
     TensorRTUnavailable,
     device_key,
     engine_file_name,
-    engine_sidecars,
-    rebuild_command,
-    refusal_message,
-    select_engine,
-    sidecar_matches,
 )
-
-from . import bundle as bundle_io
 
 PRECISIONS = ("fp16", "fp32")
 DEFAULT_MAX_BATCH = 8
@@ -105,6 +98,13 @@ def _datatype(fmt: str) -> str:
     return "unknown"
 
 
+def _tensor_type(tensor: dict) -> str:
+    """A layer tensor's type in the inspector's JSON: 8.6 / 10.x write one "Format/Datatype" string, 11.x
+    split it into "DataType" and "Format" (TensorRT 11.0 IEngineInspector migration page,
+    docs.nvidia.com/deeplearning/tensorrt/11.0.0/api/migration/tensorrt-10x-to-11x-IEngineInspector.html)."""
+    return str(tensor.get("Format/Datatype") or tensor.get("DataType") or tensor.get("Format") or "")
+
+
 def layer_summary(engine_information: str | dict) -> dict:
     """Layer counts per precision from the engine inspector's JSON (ProfilingVerbosity.DETAILED).
 
@@ -117,8 +117,8 @@ def layer_summary(engine_information: str | dict) -> dict:
     critical: list[str] = []
     for layer in data.get("Layers", []):
         layer = layer if isinstance(layer, dict) else {"Name": str(layer)}
-        labels = {_datatype(t.get("Format/Datatype", "")) for t in layer.get("Outputs", [])} - {"unknown"}
-        labels = labels or {_datatype(t.get("Format/Datatype", "")) for t in layer.get("Inputs", [])} - {"unknown"}
+        labels = {_datatype(_tensor_type(t)) for t in layer.get("Outputs", [])} - {"unknown"}
+        labels = labels or {_datatype(_tensor_type(t)) for t in layer.get("Inputs", [])} - {"unknown"}
         label = "+".join(sorted(labels)) or "unknown"
         counts[label] = counts.get(label, 0) + 1
         name = str(layer.get("Name", ""))
@@ -203,9 +203,35 @@ class _Source:
     notes: list[str] = field(default_factory=list)
 
 
+def network_typing(trt) -> str:
+    """"strong" or "weak": the network kind this TensorRT builds (docs/jetson.md, "API rules by version").
+
+    11.x: every network is strongly typed and the weak-typing API is gone (TensorRT 11.0 Python migration
+    guide, docs.nvidia.com/deeplearning/tensorrt/11.0.0/api/migration/tensorrt-10x-to-11x-python-api.html),
+    whether or not its STRONGLY_TYPED flag is still there. 9.x / 10.x: strong when the flag exists.
+    8.6 (JetPack 6.0) has no strong typing (NVIDIA/TensorRT@release/8.6:include/NvInfer.h).
+    """
+    from edgeenc.runtime.tensorrt_backend import tensorrt_version
+
+    if tensorrt_version(trt)[0] >= 11 or hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
+        return "strong"
+    return "weak"
+
+
+def network_flags(trt, typing: str) -> int:
+    """create_network flags. 11.x keeps STRONGLY_TYPED only as an ignored, deprecated flag and has no
+    EXPLICIT_BATCH (11.0 Python API reference, NetworkDefinitionCreationFlag; lightvector/KataGo#1206);
+    10.x ignores EXPLICIT_BATCH; 8.6 needs it, or the ONNX parser refuses the implicit-batch network
+    (microsoft/onnxruntime#24298 sets it only for TensorRT <= 8)."""
+    flag = trt.NetworkDefinitionCreationFlag
+    if typing == "strong":
+        return 1 << int(flag.STRONGLY_TYPED) if hasattr(flag, "STRONGLY_TYPED") else 0
+    return 1 << int(flag.EXPLICIT_BATCH)
+
+
 @contextlib.contextmanager
 def _build_source(bundle: Path, manifest: dict, precision: str, trt) -> Iterator[_Source]:
-    strong = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    strong = network_typing(trt) == "strong"
     fp16_file = bundle / "model.fp16.onnx"
 
     def checked_sha(name: str) -> str:
@@ -281,19 +307,14 @@ def _pin_fp32(trt, network, plan) -> int:
 def _build_serialized(trt, source: _Source, profile: Profile, workspace_gb: float, cache_path: Path):
     logger = _recording_logger(trt)
     builder = trt.Builder(logger)
-    flags = 0
-    if source.typing == "strong":
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    elif int(trt.__version__.split(".")[0]) < 10:
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)  # 8.6: dynamic shapes need it
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt, source.typing))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(source.path)):
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         raise BuildError(f"TensorRT's ONNX parser rejected {source.name}: " + "; ".join(errors or logger.messages))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if hasattr(trt.BuilderFlag, "TF32"):
+    if hasattr(trt.BuilderFlag, "TF32"):  # in 8.6, 10.x and 11.x alike (11.x keeps kTF32: docs.rs trtx-sys BuilderFlag)
         config.clear_flag(trt.BuilderFlag.TF32)
     config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     notes = list(source.notes)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgeenc.export.bundle import sha256_file
+from edgeenc.hashing import sha256_file
 
 from .frontend import mel_matrix, window_function
 from .registry import ModelSpec, build_model, get_spec

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import _MP3_LENGTH_TOLERANCE, AUDIO_SUFFIXES, AudioError, AudioInfo, probe
+from .audio import AUDIO_SUFFIXES, MP3_LENGTH_TOLERANCE, AudioError, AudioInfo, probe
 from .encoder import EmbeddingResult, scores
 from .windows import iter_windows
 from .writers import atomic_path
@@ -117,7 +117,7 @@ def plan_ranges(recording: Recording, info: AudioInfo, sample_rate: int, window_
     window = int(round(window_seconds * sample_rate))
     hop = window if hop_seconds is None else int(round(hop_seconds * sample_rate))
     length = info.frames * sample_rate // info.sample_rate
-    guard = sample_rate + (int(_MP3_LENGTH_TOLERANCE * length) if info.format == "MP3" else 0)
+    guard = sample_rate + (int(MP3_LENGTH_TOLERANCE * length) if info.format == "MP3" else 0)
     full_windows = (length - guard - window) // hop + 1 if length - guard >= window else 0
     per_range = max(1, int(round(range_seconds * sample_rate / hop)))
     interior = max(0, (full_windows - 1) // per_range)

@@ -36,7 +36,7 @@ _SHORT_CHUNK = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", 
 # not wrong, so the file is read as far as it goes.
 _UNKNOWN_SIZE = 0xFFFFFFFF
 # Without a Xing/LAME tag the MP3 frame count is libmpg123's estimate from the file size.
-_MP3_LENGTH_TOLERANCE = 0.02
+MP3_LENGTH_TOLERANCE = 0.02
 # soxr HQ's filters span well under 0.1 s: one second of audio before a range settles them.
 _RANGE_MARGIN_SECONDS = 1
 
@@ -207,7 +207,7 @@ def iter_blocks(
         if clip.finished:
             return
 
-        tolerance = _MP3_LENGTH_TOLERANCE * expected if str(f.format) == "MP3" else 0
+        tolerance = MP3_LENGTH_TOLERANCE * expected if str(f.format) == "MP3" else 0
         if read < expected - tolerance:
             raise AudioError(
                 p,

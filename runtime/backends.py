@@ -10,29 +10,17 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 
+from .backend_protocol import Backend, BackendUnavailable
 from .isa import int8_variant_problem
 
 log = logging.getLogger("edgeenc.runtime")
 
 DEVICES = ("auto", "trt", "cuda", "cpu")
-
-
-class BackendUnavailable(RuntimeError):
-    """The requested backend cannot run here; the message says what to install or build."""
-
-
-class Backend(Protocol):
-    name: str  # "trt", "cuda" or "cpu"
-    description: str  # what actually runs, e.g. "onnxruntime 1.32.0 CPUExecutionProvider, 2 threads"
-
-    def run(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
-
-    def close(self) -> None: ...
 
 
 def import_onnxruntime():
@@ -50,6 +38,17 @@ def import_onnxruntime():
 # against ~0.2 ms for the pair (onnxruntime 1.32, 2 Zen 4 threads; int8 BEATs 10 s clip: 323 -> 304 ms
 # p50 with it off, fp32 unchanged; measured with an interleaved run of both sessions).
 CPU_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
+# The CUDA provider runs fp32 MatMul / Conv in TF32 by default (use_tf32 = 1 in
+# microsoft/onnxruntime:include/onnxruntime/core/providers/cuda/cuda_provider_options.h), which rounds the
+# front end's DFT MatMul to a 10-bit mantissa; edgeenc's TensorRT builds clear TF32 for the same reason.
+# The option exists from onnxruntime 1.18 (microsoft/onnxruntime#19357, #19426); older releases reject
+# unknown options, so they get none (a Jetson Zoo wheel for JetPack 6.0 can be that old).
+CUDA_PROVIDER_OPTIONS = {"use_tf32": "0"}
+
+
+def cuda_provider_options(ort) -> dict:
+    major, minor = (int(p) for p in (re.findall(r"\d+", ort.__version__) + ["0", "0"])[:2])
+    return dict(CUDA_PROVIDER_OPTIONS) if (major, minor) >= (1, 18) else {}
 
 
 class OrtBackend:
@@ -72,7 +71,9 @@ class OrtBackend:
         first = (provider, provider_options) if provider_options else provider
         providers = [first] if provider == "CPUExecutionProvider" else [first, "CPUExecutionProvider"]
         if provider == "TensorrtExecutionProvider":
-            providers.insert(1, "CUDAExecutionProvider")  # for the nodes TensorRT does not take
+            # for the nodes TensorRT does not take
+            options_cuda = cuda_provider_options(ort)
+            providers.insert(1, ("CUDAExecutionProvider", options_cuda) if options_cuda else "CUDAExecutionProvider")
         extra = {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)} if provider == "CPUExecutionProvider" else {}
         self.session = ort.InferenceSession(str(model_path), options, providers=providers, **extra)
         active = self.session.get_providers()
@@ -128,7 +129,7 @@ def _try_trt(bundle: Path, manifest: dict, output_names: list[str]) -> Backend:
     except ImportError as exc:
         raise BackendUnavailable(
             f"TensorRT backend unavailable ({exc}): install TensorRT (pip install 'edgeenc[tensorrt]'; on Jetson "
-            "use JetPack's TensorRT) and build an engine with `edgeenc build BUNDLE`"
+            "use JetPack's TensorRT) and build an engine with `edgeenc build BUNDLE`", not_installed=True
         ) from exc
     return TensorRTBackend.from_bundle(bundle, manifest, output_names)
 
@@ -158,23 +159,29 @@ def _try_cuda(bundle: Path, output_names: list[str]) -> Backend:
             )
         raise BackendUnavailable(
             f"the installed ONNX Runtime ({', '.join(installed) or ort.__version__}) has no CUDAExecutionProvider: "
-            "install 'edgeenc[gpu]' (onnxruntime-gpu) instead of onnxruntime, not beside it"
+            "install 'edgeenc[gpu]' (onnxruntime-gpu) instead of onnxruntime, not beside it",
+            not_installed=not any("-gpu" in d for d in installed),
         )
     if os.environ.get("EDGEENC_ORT_TENSORRT") == "1" and "TensorrtExecutionProvider" in ort.get_available_providers():
         return ort_tensorrt_backend(bundle, output_names)
-    return OrtBackend(bundle / "model.onnx", output_names, provider="CUDAExecutionProvider")
+    return OrtBackend(bundle / "model.onnx", output_names, provider="CUDAExecutionProvider",
+                      provider_options=cuda_provider_options(ort) or None)
 
 
 def ort_tensorrt_backend(bundle: Path, output_names: list[str]) -> Backend:
-    """onnxruntime-gpu's TensorRT execution provider, fp16, with its engine cache inside the bundle.
+    """onnxruntime-gpu's TensorRT execution provider, with its engine cache inside the bundle.
 
     Opt-in (EDGEENC_ORT_TENSORRT=1): the first run builds engines for minutes, and the cache is valid
     only for this GPU and TensorRT version, like the engines of `edgeenc build`.
+
+    fp16 comes from model.fp16.onnx's own Casts, never from trt_fp16_enable: with the flag off the provider
+    builds a strongly typed network on TensorRT > 8 (microsoft/onnxruntime#24298, #18707), which keeps the
+    fp32 islands and is the only kind TensorRT 11 builds; with it on, the network is weakly typed, which
+    TensorRT 11 no longer has and which lets 10.x override the islands. Without model.fp16.onnx: fp32.
     """
     cache = Path(bundle) / "engines" / "ort-tensorrt-cache"
     cache.mkdir(parents=True, exist_ok=True)
     options = {
-        "trt_fp16_enable": "True",
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": str(cache),
         "trt_timing_cache_enable": "True",
@@ -192,8 +199,12 @@ def select_backend(
     device: str = "auto",
     threads: int | None = None,
     variant: str | None = None,
+    skipped: list[BackendUnavailable] | None = None,
 ) -> tuple[Backend, list[str]]:
-    """The backend to run and a log of why others were skipped. Explicit devices never fall back."""
+    """The backend to run and a log of why others were skipped. Explicit devices never fall back.
+
+    `skipped`, when given, receives the exception of every backend that `auto` skipped (see `brief_log`).
+    """
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     bundle = Path(bundle)
@@ -218,12 +229,22 @@ def select_backend(
             if device != "auto":
                 raise
             notes.append(f"skipped {name}: {exc}")
+            if skipped is not None:
+                skipped.append(exc)
             log.info("skipped %s: %s", name, exc)
             continue
         notes.append(f"running on {backend.name}: {backend.description}")
         log.info("running on %s: %s", backend.name, backend.description)
         return backend, notes
     raise BackendUnavailable("no backend could run this bundle:\n  " + "\n  ".join(notes))
+
+
+def brief_log(notes: list[str], skipped: list[BackendUnavailable]) -> list[str]:
+    """`notes` of `select_backend`, or one line where `auto` fell back only past GPU software that is not
+    installed (a laptop, a CPU server): the reasons are then noise to say only when asked (`-v`)."""
+    if skipped and all(exc.not_installed for exc in skipped):
+        return [f"{notes[-1]} (no GPU backend installed; -v for why)"]
+    return notes
 
 
 def _default_threads() -> int | None:

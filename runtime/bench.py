@@ -1,10 +1,11 @@
 """`edgeenc bench`: latency, real-time factor, throughput, cold start and memory per backend and variant.
 
 Never imports torch. Every report carries the physical limit measured in the same run (FLOPs per
-clip from the graph, this machine's fp32 GEMM rate: see `limits.py`), measured before and after the
-model runs (the higher one counts; other load on the machine only lowers it).
+clip from the graph: see `limits.py`; this machine's GEMM limits: see `gemm_limits.py`), measured
+before and after the model runs (the higher one counts; other load on the machine only lowers it).
 
-Every row then shows "% of GEMM peak" = achieved FLOP/s (FLOPs per clip x clips/s) / GEMM FLOP/s.
+Every CPU row then shows "% of limit" = achieved FLOP/s (FLOPs per clip x clips/s) / its limit's
+FLOP/s, never above 100 %: a row faster than its limit proves the limit wrong, and the report says so.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeenc.export.bundle import read_manifest
-
-from .backends import BackendUnavailable, OrtBackend, select_backend
+from .backend_protocol import BackendUnavailable
+from .backends import OrtBackend, select_backend
+from .bundle import read_manifest
+from .gemm_limits import apply_limits, limit_for, measure_limits, merge_limits
 from .isa import int8_variant_problem
-from .limits import count_flops, gemm_gflops, machine_info, thread_env
+from .limits import count_flops, machine_info, thread_env
 
 # ---------------------------------------------------------------------------------------------- audio
 
@@ -95,7 +97,7 @@ import sys, time, json, resource
 t_import = time.time()
 import numpy as np
 from edgeenc.runtime.bench import bench_audio, load_target, peak_rss_mb
-from edgeenc.export.bundle import read_manifest
+from edgeenc.runtime.bundle import read_manifest
 bundle, backend, variant, threads, seconds = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 manifest = read_manifest(bundle)
 audio = bench_audio(int(manifest["sample_rate"]), seconds, 1)
@@ -208,8 +210,6 @@ def run_bench(
                     "sample_rate": rate, "threads": threads, "runs": runs, "warmup": warmup, "batches": batches}
     say("machine info")
     report["machine"] = machine_info()
-    say("fp32 GEMM peak (before)")
-    gemm_before = gemm_gflops(threads)
     say("counting FLOPs per clip from model.onnx")
     report["flops"] = count_flops(bundle / "model.onnx", bench_audio(rate, seconds, 1))
     flops_per_clip = report["flops"]["flops"]
@@ -217,8 +217,18 @@ def run_bench(
     report["gflop_per_clip"] = flops_per_clip / 1e9
 
     specs: list[tuple[str, str]] = []
-    if device in ("auto", "cpu"):
-        specs += [("cpu", name) for name, _ in cpu_variants(bundle, manifest)]
+    cpu_files = cpu_variants(bundle, manifest) if device in ("auto", "cpu") else []
+    specs += [("cpu", name) for name, _ in cpu_files]
+    int8_files = [name for name, precision in cpu_files if limit_for(precision) == "int8"]
+    int8_weights = next((manifest["variants"][n].get("weights") for n in int8_files
+                         if manifest["variants"][n].get("weights")), None)
+
+    def limits(when: str) -> dict:
+        say(f"GEMM limits ({when}): numpy and onnxruntime MatMul at {threads} threads")
+        return measure_limits(threads, report["flops"]["gemm_shapes"], int8_rows=bool(int8_files),
+                              int8_weights=int8_weights, compare_overrides=when == "before")
+
+    limits_before = limits("before")
     if device in ("auto", "cuda", "trt"):
         for name in (("trt", "cuda") if device == "auto" else (device,)):
             specs.append((name, "model.onnx"))
@@ -246,13 +256,8 @@ def run_bench(
                          "achieved_gflops": flops_per_clip * batch / p50 / 1e9, "quality": target.quality})
     for target in targets:
         target.runner.close()
-    say("fp32 GEMM peak (after)")
-    gemm_after = gemm_gflops(threads)
-    peaks = [g["gflops"] for g in (gemm_before, gemm_after) if g["gflops"]]
-    peak = max(peaks) if peaks else None
-    report["gemm"] = {"gflops": peak, "before": gemm_before, "after": gemm_after}
-    for row in rows:
-        row["percent_of_gemm_peak"] = 100.0 * row["achieved_gflops"] / peak if peak else None
+    report["limits"] = merge_limits(limits_before, limits("after"))
+    report["limit_problems"] = apply_limits(rows, report["limits"])
     if cold:
         for target in targets:
             say(f"cold start {target.variant} ({target.backend})")
@@ -269,32 +274,33 @@ def run_bench(
         "rtf = audio seconds per wall second at p50; clips_per_s = batch / p50",
         "cold start: fresh python -c, timed from before the interpreter starts to the first output; "
         "peak_rss_mb is that process's ru_maxrss after one clip",
-        "percent_of_gemm_peak = FLOPs per clip x clips/s / numpy fp32 GEMM FLOP/s at the same thread count "
-        "(for int8 variants above 100 % is possible: the peak is an fp32 one)",
+        "percent_of_limit = FLOPs per clip x clips/s / the row's GEMM limit (fp32, or int8 for int8 files) "
+        "at the same thread count: see limits; a row above its limit has none and is named in limit_problems",
     ]
     return report
 
 
 def format_table(report: dict) -> str:
     m = report["machine"]
-    gemm = report["gemm"]["gflops"]
     lines = [
         f"{report['model_id']}  clip {report['clip_seconds']:g} s  threads {report['threads']}  "
         f"{report['gflop_per_clip']:.1f} GFLOP/clip",
         f"cpu: {m.get('cpu_model')}  ({m.get('cpus_available')} cpus; "
         + " ".join(k for k, v in m.get("isa", {}).items() if v) + ")",
         f"onnxruntime {m.get('onnxruntime_version') or m.get('onnxruntime-gpu_version')}  tensorrt "
-        f"{m.get('tensorrt_version')}  fp32 GEMM peak {gemm:.1f} GFLOP/s" if gemm else "GEMM peak: not measured",
+        f"{m.get('tensorrt_version')}",
+        *limit_lines(report["limits"]),
         "",
     ]
-    header = ("backend", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "rtf", "clips/s", "GFLOP/s", "% peak",
+    header = ("backend", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "rtf", "clips/s", "GFLOP/s", "% limit",
               "cold s", "rss MB")
     table = [header]
     for r in report["rows"]:
         table.append((r["backend"], r["variant"], str(r["batch"]), f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}",
                       f"{r['p99_ms']:.1f}", f"{r['rtf']:.1f}", f"{r['clips_per_s']:.2f}",
                       f"{r['achieved_gflops']:.1f}",
-                      f"{r['percent_of_gemm_peak']:.0f}" if r.get("percent_of_gemm_peak") is not None else "-",
+                      "over!" if r.get("above_limit") else f"{r['percent_of_limit']:.0f}"
+                      if r.get("percent_of_limit") is not None else "-",
                       f"{r['cold_start_s']:.2f}" if "cold_start_s" in r else "-",
                       f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
@@ -302,9 +308,33 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    for problem in report.get("limit_problems", []):
+        lines.append(f"LIMIT WRONG: {problem}")
     for s in report.get("skipped", []):
         lines.append(f"skipped {s['backend']}: {s['reason']}")
     return "\n".join(lines)
+
+
+def limit_lines(limits: dict) -> list[str]:
+    """The limits, which probe won, and the BLAS overrides found in the environment."""
+    fp32, numpy = limits["fp32"], limits["fp32"]["numpy"]
+    ort = fp32["onnxruntime"]
+    overrides = limits.get("blas_overrides") or {}
+    removed = f" with {', '.join(overrides)} removed" if overrides else ""
+    with_them = (limits.get("numpy_with_overrides") or {}).get("gflops")
+    numpy_note = f"numpy {numpy['gflops'] or 0:.1f}{removed}" + (f", {with_them:.1f} with them" if with_them else "")
+    lines = [f"fp32 limit {fp32['gflops']:.1f} GFLOP/s, {fp32['winner']} won ({numpy_note}; onnxruntime MatMul "
+             f"{ort['gflops']:.1f} on {ort['best_shape']}, shapes tried {', '.join(limits['shapes'])})"]
+    for key in ("int8", "bf16"):
+        entry = limits.get(key)
+        if entry and entry.get("gflops"):
+            lines.append(f"{key} limit {entry['gflops']:.1f} GFLOP/s, {entry['winner']}")
+        elif entry:
+            lines.append(f"{key} limit: not measured, {entry['why']}")
+    if overrides:
+        lines.append("BLAS overrides in the environment: " + " ".join(f"{k}={v}" for k, v in overrides.items())
+                     + " (removed for numpy's limit; onnxruntime ignores them)")
+    return lines
 
 
 def report_json(report: dict) -> str:

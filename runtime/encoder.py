@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeenc.export.bundle import BundleError, read_manifest, verify_bundle
-
 from .audio import AudioError, iter_blocks
-from .backends import Backend, select_backend
+from .backend_protocol import Backend, BackendUnavailable
+from .backends import brief_log, select_backend
+from .bundle import BundleError, read_manifest, verify_bundle
 from .windows import Window, WindowBatcher, iter_windows
 from .writers import ClassRow
 
@@ -93,12 +93,14 @@ def _manifest_from_onnx(path: Path) -> dict:
 class Encoder:
     """Runs a bundle on the best (or the requested) backend."""
 
-    def __init__(self, bundle: Path, manifest: dict, backend: Backend, labels: list[str] | None, log: list[str]):
+    def __init__(self, bundle: Path, manifest: dict, backend: Backend, labels: list[str] | None, log: list[str],
+                 brief: list[str] | None = None):
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
         self.labels = labels
-        self.backend_log = log
+        self.backend_log = log  # every backend tried and why it was skipped
+        self.backend_brief = log if brief is None else brief  # the same, short where nothing needs fixing
         self.sample_rate = int(manifest["sample_rate"])
         self.window_seconds = float(manifest["window_seconds"])
         self.min_samples = int(manifest.get("min_samples", 1))
@@ -136,8 +138,9 @@ class Encoder:
             if labels is None:
                 labels = [f"class_{i}" for i in range(int(manifest["num_classes"]))]
         names = [o["name"] for o in manifest["outputs"] if o["name"] in ("embedding", "logits")]
-        backend, log = select_backend(bundle, manifest, names, device, threads, variant)
-        return cls(bundle, manifest, backend, labels, log)
+        skipped: list[BackendUnavailable] = []
+        backend, log = select_backend(bundle, manifest, names, device, threads, variant, skipped)
+        return cls(bundle, manifest, backend, labels, log, brief_log(log, skipped))
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -170,7 +173,7 @@ class Encoder:
         *,
         window_seconds: float | None = None,
         hop_seconds: float | None = None,
-        last: str = "short",
+        last: str = "auto",
         batch_size: int = 8,
     ) -> EmbeddingResult:
         """Embed an in-memory mono (or [n, channels], averaged) signal, resampled to the model's rate."""
@@ -241,7 +244,7 @@ class Encoder:
         channel: int | None = None,
         window_seconds: float | None = None,
         hop_seconds: float | None = None,
-        last: str = "short",
+        last: str = "auto",
         batch_size: int = 8,
     ) -> Iterator[FileOutcome]:
         """Embed many recordings, batching windows across files; one outcome per file, in order.

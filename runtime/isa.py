@@ -4,8 +4,9 @@ ONNX Runtime (MLAS) multiplies u8 activations by s8 weights on x86 with `vpmaddu
 VNNI (AVX512-VNNI, AVX-VNNI or AMX): that instruction adds two u8 x s8 products into a *saturating*
 int16, and 255 x 127 x 2 overflows it. On such CPUs (AVX2-only: Zen 1-3, Haswell to Skylake; AVX-512
 without VNNI: Skylake-X) a model with s8 weights silently loses accuracy — measured on BEATs, Zen 3:
-mean-centred embedding cosine 0.982 with s8 weights, 0.9965 with u8 (benchmarks/int8_weights.py). u8 weights
-take the u8 x u8 kernel, which widens to int16 first and does not saturate, on every CPU.
+mean-centred embedding cosine 0.982 with s8 weights, 0.9965 with u8
+(benchmarks/investigations/int8_weights.py). u8 weights take the u8 x u8 kernel, which widens to
+int16 first and does not saturate, on every CPU.
 ARM (NEON dot products, Jetson) has no such limit.
 """
 

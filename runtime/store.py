@@ -42,8 +42,9 @@ __all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "bundle_identity", 
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
-# Test hook: "N:MARKER" makes the N-th recorded file (1-based) stall inside its transaction after its
-# windows are inserted: MARKER is written (holding the file's path) and the process sleeps, to be killed.
+# Test hook: "N:MARKER" makes the N-th recorded file (or live window batch; 1-based) stall inside its
+# transaction after its windows are inserted: MARKER is written (holding the file's path) and the process
+# sleeps, to be killed.
 TEST_STALL_ENV = "EDGEENC_TEST_STALL_IN_TRANSACTION"
 
 _SCHEMA = """
@@ -113,7 +114,7 @@ def bundle_identity(bundle: Path, manifest: dict) -> tuple[str, str]:
     if entry and entry.get("sha256"):
         digest = str(entry["sha256"])
     else:
-        from edgeenc.export.bundle import sha256_file
+        from edgeenc.hashing import sha256_file
 
         onnx = Path(bundle) / "model.onnx"
         if not onnx.is_file():
@@ -321,7 +322,7 @@ class Store:
                 c.executemany("INSERT INTO detections (window_id, label, rank, score) VALUES (?, ?, ?, ?)",
                               [(ids[i], label, rank, score) for i, label, rank, score in detections])
                 self._recorded += 1
-                _test_stall(self._recorded, info.path)
+                stall_if_testing(self._recorded, info.path)
 
     @staticmethod
     def _forget_path(c: sqlite3.Connection, path: str) -> None:
@@ -394,7 +395,8 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _test_stall(n: int, path: str) -> None:
+def stall_if_testing(n: int, path: str) -> None:
+    """The TEST_STALL_ENV hook: the N-th transaction of a writer writes its marker and sleeps, to be killed."""
     spec = os.environ.get(TEST_STALL_ENV)
     if not spec:
         return

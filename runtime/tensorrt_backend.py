@@ -1,152 +1,54 @@
 """The TensorRT backend: a bundle's engine for this GPU, run with cuda-python (no pycuda, no torch).
 
-Also the rules that say which engine may run here (engines are per GPU and TensorRT version,
-shared/DESIGN.md), because both `edgeenc build` and the runtime need them and the runtime must
-not depend on export code. tensorrt and cuda-python are imported only when a backend is made.
+The rules that say which engine may run here are in engines.py. tensorrt and cuda-python are
+imported only when a backend is made.
 
 cuda-python renamed its modules in 12.6.1 (`cuda.cudart` -> `cuda.bindings.runtime`) and 13.0
 dropped the old names; both are tried. One non-default stream; device buffers and pinned host
-buffers per I/O tensor, reused across calls and grown when a bigger shape arrives.
+buffers per I/O tensor, reused across calls and grown when a bigger shape arrives. Which call
+exists in which TensorRT / cuda-python release, with the source of each rule: docs/jetson.md,
+"API rules by version".
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .backends import BackendUnavailable
+from .engines import Profile, TensorRTUnavailable, rebuild_command, select_engine
 
-ENGINES_DIR = "engines"
 ON_JETSON = Path("/etc/nv_tegra_release").exists()
-DESKTOP_TENSORRT = "pip install 'edgeenc[tensorrt]' (the tensorrt wheel; tensorrt-cu12 on CUDA 12)"
+DESKTOP_TENSORRT = ("pip install 'edgeenc[tensorrt]' (CUDA 13 driver, r580+), or 'edgeenc[tensorrt-cu12]' on a "
+                    "CUDA 12 driver")
 JETSON_TENSORRT = ("use JetPack's TensorRT (sudo apt install nvidia-jetpack, which brings python3-libnvinfer) from a "
                    "venv made with --system-site-packages, never a pip wheel (docs/jetson.md)")
 
 
-class TensorRTUnavailable(BackendUnavailable):
-    """tensorrt, cuda-python or a CUDA GPU is missing, or no engine fits; the message says what to do."""
+# The name-based tensor API (num_io_tensors, set_input_shape, set_tensor_address, execute_async_v3) that
+# the backend uses exists from TensorRT 8.5 (NVIDIA/TensorRT@release/8.6:python/docstrings/infer/pyCoreDoc.h);
+# 8.6 is JetPack 6.0's. 12.x is unknown: refused rather than guessed at.
+OLDEST_TENSORRT, NEWEST_TENSORRT_MAJOR = (8, 5), 11
 
 
-@dataclass(frozen=True)
-class Profile:
-    """The optimisation profile of the `audio` input: [batch, samples] min / opt / max."""
-
-    sample_rate: int
-    min_shape: tuple[int, int]
-    opt_shape: tuple[int, int]
-    max_shape: tuple[int, int]
-    notes: tuple[str, ...] = ()
-    input_name: str = "audio"
-
-    def contains(self, shape: tuple[int, ...]) -> bool:
-        return len(shape) == 2 and all(lo <= n <= hi for lo, n, hi in zip(self.min_shape, shape, self.max_shape))
-
-    def describe(self) -> str:
-        (b0, n0), (bo, no), (b1, n1) = self.min_shape, self.opt_shape, self.max_shape
-        rate = self.sample_rate
-        return (f"batch {b0}-{b1}, {n0 / rate:g}-{n1 / rate:g} s ({n0}-{n1} samples at {rate} Hz), "
-                f"optimised for {bo} x {no / rate:g} s")
-
-    def to_json(self) -> dict:
-        seconds = {k: s[1] / self.sample_rate for k, s in
-                   (("min", self.min_shape), ("opt", self.opt_shape), ("max", self.max_shape))}
-        return {"input": self.input_name, "sample_rate": self.sample_rate, "min": list(self.min_shape),
-                "opt": list(self.opt_shape), "max": list(self.max_shape), "seconds": seconds,
-                "notes": list(self.notes)}
+def tensorrt_version(trt) -> tuple[int, int]:
+    """(major, minor) of an imported tensorrt module."""
+    major, minor = (re.findall(r"\d+", str(trt.__version__)) + ["0", "0"])[:2]
+    return int(major), int(minor)
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "gpu"
+def cuda_python_version() -> str | None:
+    """The installed cuda-bindings (13.x, 12.6.1+) or cuda-python (older 12.x) release, for messages."""
+    from importlib import metadata
 
-
-def device_key(gpu_name: str, compute_capability: str, trt_version: str) -> str:
-    """What an engine or a timing cache is valid for, as a file-name fragment."""
-    return f"{_slug(gpu_name)}.sm{compute_capability.replace('.', '')}.trt{trt_version}"
-
-
-def engine_file_name(precision: str, gpu_name: str, compute_capability: str, trt_version: str) -> str:
-    return f"model.{precision}.{device_key(gpu_name, compute_capability, trt_version)}.engine"
-
-
-def rebuild_command(bundle: Path, sidecar: dict | None = None) -> str:
-    command = f"edgeenc build {bundle}"
-    if sidecar:
-        command += f" --precision {sidecar.get('precision', 'fp16')}"
-        profile = sidecar.get("profile") or {}
-        if profile.get("max"):
-            command += f" --max-batch {profile['max'][0]} --max-seconds {profile['seconds']['max']:g}"
-    return command
-
-
-def sidecar_matches(
-    sidecar: dict, gpu_name: str, compute_capability: str, trt_version: str, *, multiprocessors: int | None = None
-) -> tuple[bool, str]:
-    """Whether the engine described by `sidecar` may run on this GPU and TensorRT, and why (not)."""
-    gpu = sidecar.get("gpu", {})
-    built = sidecar.get("tensorrt_version")
-    if built != trt_version:
-        return False, f"built with TensorRT {built}, this machine has TensorRT {trt_version}"
-    if gpu.get("compute_capability") != compute_capability:
-        return False, (f"built for compute capability {gpu.get('compute_capability')}, this {gpu_name} is "
-                       f"{compute_capability}")
-    if gpu.get("name") != gpu_name:
-        return False, f"built on a {gpu.get('name')}, this GPU is a {gpu_name}"
-    # Every Jetson Orin module reports "Orin" at sm_87; the SM count tells Nano, NX and AGX apart.
-    built_sms = gpu.get("multiprocessors")
-    if multiprocessors is not None and built_sms is not None and built_sms != multiprocessors:
-        return False, f"built on a {gpu_name} with {built_sms} SMs, this one has {multiprocessors}"
-    if not (sidecar.get("parity") or {}).get("passed", False):
-        return False, "it failed its parity gate when it was built"
-    return True, f"built for this {gpu_name} (compute capability {compute_capability}) and TensorRT {trt_version}"
-
-
-def refusal_message(bundle: Path, reasons: list[str], machine: str, sidecar: dict | None = None) -> str:
-    """Why no engine of `bundle` runs on `machine`, with the command that builds one that does."""
-    found = "; ".join(reasons) if reasons else f"there is no engine in {Path(bundle) / ENGINES_DIR}"
-    return (f"no TensorRT engine of {bundle} fits this machine ({machine}): {found}. An engine is valid only for "
-            f"the GPU and TensorRT version that built it: build one here with `{rebuild_command(bundle, sidecar)}`")
-
-
-def engine_sidecars(bundle: Path) -> list[tuple[Path, dict]]:
-    """(engine path, sidecar) for every readable sidecar in BUNDLE/engines."""
-    found = []
-    for path in sorted((Path(bundle) / ENGINES_DIR).glob("*.json")):
+    for name in ("cuda-bindings", "cuda-python"):
         try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
             continue
-        if isinstance(data, dict) and "engine" in data:
-            found.append((path.parent / data["engine"], data))
-    return found
-
-
-def select_engine(bundle: Path, manifest: dict, gpu: dict, trt_version: str) -> tuple[Path, dict]:
-    """The engine to run here (fp16 before fp32, newest first), or TensorRTUnavailable with every reason."""
-    reasons, usable = [], []
-    files = manifest.get("files", {})
-    for engine, sidecar in engine_sidecars(bundle):
-        ok, why = sidecar_matches(sidecar, gpu["name"], gpu["compute_capability"], trt_version,
-                                  multiprocessors=gpu.get("multiprocessors"))
-        source = files.get(sidecar.get("source_onnx", ""), {})
-        if ok and source and source.get("sha256") != sidecar.get("source_onnx_sha256"):
-            ok, why = False, f"built from an earlier export of {sidecar['source_onnx']}"
-        elif ok and (not engine.is_file() or engine.stat().st_size != sidecar.get("engine_bytes")):
-            ok, why = False, "the engine file is missing or differs from its sidecar"
-        if ok:
-            usable.append((engine, sidecar))
-        else:
-            reasons.append(f"{engine.name}: {why}")
-    if not usable:
-        machine = f"{gpu['name']}, compute capability {gpu['compute_capability']}, TensorRT {trt_version}"
-        newest = max((sc for _, sc in engine_sidecars(bundle)), key=lambda sc: sc.get("built_at", ""), default=None)
-        raise TensorRTUnavailable(refusal_message(bundle, reasons, machine, newest))
-    fp16 = [item for item in usable if item[1].get("precision") == "fp16"]
-    return max(fp16 or usable, key=lambda item: item[1].get("built_at", ""))
+    return None
 
 
 def import_cudart():
@@ -188,10 +90,15 @@ def require_tensorrt():
         hints = [f"on a desktop GPU {DESKTOP_TENSORRT}", f"on Jetson {JETSON_TENSORRT}"]
         hints = hints[::-1] if ON_JETSON else hints
         problems.append("the tensorrt Python package is not installed: " + "; ".join(hints))
+    else:
+        version = tensorrt_version(trt)
+        if version < OLDEST_TENSORRT or version[0] > NEWEST_TENSORRT_MAJOR:
+            problems.append(f"TensorRT {trt.__version__} is not supported: edgeenc runs TensorRT 8.5 to "
+                            f"{NEWEST_TENSORRT_MAJOR}.x (docs/jetson.md)")
     cudart = import_cudart()
     if cudart is None:
-        problems.append("cuda-python is not installed (device memory and streams): pip install cuda-python "
-                        "(a 12.x release on CUDA 12 / JetPack 6)")
+        problems.append("cuda-python is not installed (device memory and streams): pip install 'cuda-python>=13,<14' "
+                        "on a CUDA 13 driver, 'cuda-python>=12.2,<13' on CUDA 12 / JetPack 6")
     else:
         try:
             count = _cuda(cudart.cudaGetDeviceCount())
@@ -199,10 +106,15 @@ def require_tensorrt():
             count, detail = 0, str(exc)
         else:
             detail = "cudaGetDeviceCount() is 0"
-        if not count:
+        if not count and "InsufficientDriver" in detail:
+            # cuda-bindings 13 links the CUDA 13 runtime statically and needs an r580+ driver
+            # (nvidia.github.io/cuda-python: cuda-bindings 13.0.3 and 13.2.0 release notes).
+            problems.append(f"cuda-python {cuda_python_version()} needs a newer NVIDIA driver than this machine's "
+                            f"({detail}): on a CUDA 12 driver (JetPack 6 included) pip install 'cuda-python>=12.2,<13'")
+        elif not count:
             problems.append(f"no CUDA GPU is visible ({detail}); TensorRT builds and runs engines on NVIDIA GPUs only")
     if problems:
-        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems))
+        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems), not_installed=trt is None)
     return trt, cudart
 
 

@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgeenc.export.bundle import sha256_file
+from edgeenc.hashing import sha256_file
 
 from .audio import AUDIO_SUFFIXES
 from .encoder import Encoder, scores
 from .store import FileInfo, Store
 
-__all__ = ["WatchSummary", "watch", "store_for"]
+__all__ = ["WatchSummary", "watch", "store_for", "window_detections"]
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def _scan(inbox: str) -> Iterator[tuple[str, os.stat_result]]:
         stack.extend(reversed(subfolders))
 
 
-def _detections(logits: np.ndarray | None, labels: list[str] | None, top_k: int, threshold: float | None):
+def window_detections(logits: np.ndarray | None, labels: list[str] | None, top_k: int,
+                      threshold: float | None) -> list[tuple[int, str, int, float]]:
+    """(window index, label, rank, score) rows of the top-k softmax labels (>= threshold) per window."""
     if logits is None or not labels:
         return []
     probabilities = scores(logits.astype(np.float64), "softmax")
@@ -231,7 +233,7 @@ def _process(path, st, encoder, store, summary, event, top_k, threshold, window_
         _failed(store, summary, event, info, outcome.error)
         return True
     result = outcome.result
-    detections = _detections(result.logits, encoder.labels, top_k, threshold)
+    detections = window_detections(result.logits, encoder.labels, top_k, threshold)
     store.record_done(info, result.starts, result.ends, result.embeddings, detections, outcome.audio_seconds)
     summary.done += 1
     event("done", path, f"{len(result)} window(s), {outcome.audio_seconds:.1f} s")

@@ -12,14 +12,20 @@ next hop position and runs to the end of the audio. It exists only when it holds
 earlier window covered (so a file whose length is an exact multiple of the hop, with ``H == W``,
 has none). What happens to it is the ``last`` policy:
 
-* ``"short"`` (default): emitted at its true length. The model runs on exactly that clip, which is
-  what avex returns for a clip of that length.
+* ``"auto"`` (default): emitted at its true length, like ``"short"``, unless it is shorter than
+  half the window or shorter than ``AUTO_MIN_SECONDS`` (1 s) and an earlier window exists: then it is
+  dropped. A 0.13 s tail of a 10.13 s recording is noise that a classifier would still rank like a
+  detection (recorder tools such as BirdNET drop such remainders); a file shorter than one window
+  still gives its one window.
+* ``"short"``: emitted at its true length whatever it holds. The model runs on exactly that clip,
+  which is what avex returns for a clip of that length.
 * ``"pad"``: zero-padded to ``W`` samples.
 * ``"drop"``: never emitted.
 
-With ``"short"`` and ``"pad"`` a partial window with fewer than ``min_samples`` real samples is
-dropped. A whole file shorter than ``W`` is therefore one short window (or one padded window, or
-nothing with ``"drop"``).
+With ``"auto"``, ``"short"`` and ``"pad"`` a partial window with fewer than ``min_samples`` real
+samples is dropped. A whole file shorter than ``W`` is therefore one short window (or one padded
+window, or nothing with ``"drop"``). Only the final partial window is ever dropped by ``"auto"``:
+with ``--window`` under 1 s the full windows are what was asked for.
 
 ``start_seconds`` is the first sample's index over the rate; ``end_seconds`` is always the time just
 after the last *real* sample (start + true length / rate), also for padded windows.
@@ -35,9 +41,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Window", "iter_windows", "Batch", "WindowBatcher", "LAST_POLICIES"]
+__all__ = ["Window", "iter_windows", "Batch", "WindowBatcher", "LAST_POLICIES", "AUTO_MIN_SECONDS"]
 
-LAST_POLICIES = ("short", "pad", "drop")
+LAST_POLICIES = ("auto", "short", "pad", "drop")
+AUTO_MIN_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,7 @@ def iter_windows(
     hop_seconds: float | None = None,
     *,
     min_samples: int = 1,
-    last: str = "short",
+    last: str = "auto",
 ) -> Iterator[Window]:
     """Cut contiguous mono blocks into windows (see the module docstring for the policy)."""
     if sample_rate <= 0:
@@ -111,7 +118,11 @@ def iter_windows(
     real = buf[next_start - buf_start :]
     if len(real) < min_samples:
         return
-    samples = real.copy() if last == "short" else np.concatenate([real, np.zeros(w - len(real), np.float32)])
+    too_short = 2 * len(real) < w or len(real) < AUTO_MIN_SECONDS * sample_rate
+    if last == "auto" and last_full_end > 0 and too_short:
+        return  # a tail after real windows; a file's only window is kept however short
+    pad = last == "pad"
+    samples = np.concatenate([real, np.zeros(w - len(real), np.float32)]) if pad else real.copy()
     yield Window(next_start / sample_rate, total / sample_rate, samples)
 
 

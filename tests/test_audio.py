@@ -110,8 +110,9 @@ def test_stereo_44k_int16_and_mono_16k_float_give_the_same_windows(tmp_path: Pat
     sf.write(tmp_path / "stereo.wav", stereo, 44100, subtype="PCM_16")
     sf.write(tmp_path / "mono.wav", mono16, 16000, subtype="FLOAT")
 
-    a = list(iter_windows(iter_blocks(tmp_path / "stereo.wav", 16000, block_seconds=0.7), 16000, 1.0))
-    b = list(iter_windows(iter_blocks(tmp_path / "mono.wav", 16000), 16000, 1.0))
+    # last="short": the 0.3 s tail checks that both files end at the same sample
+    a = list(iter_windows(iter_blocks(tmp_path / "stereo.wav", 16000, block_seconds=0.7), 16000, 1.0, last="short"))
+    b = list(iter_windows(iter_blocks(tmp_path / "mono.wav", 16000), 16000, 1.0, last="short"))
     assert [(w.start_seconds, w.end_seconds) for w in a] == [(w.start_seconds, w.end_seconds) for w in b]
     assert len(a) == 4 and a[-1].end_seconds == pytest.approx(3.3)
     # Away from the file edges (filter ringing) two resamplings and int16 agree to ~3e-5.

@@ -31,14 +31,15 @@ def test_bench_json_fields(optimized, tmp_path):
                                       "--seconds", "2", "--runs", "3", "--warmup", "1", "--threads", "2",
                                       "--json", str(out)])
     assert result.exit_code == 0, result.output
-    assert "% peak" in result.output
+    assert "% limit" in result.output and "fp32 limit" in result.output
     report = json.loads(out.read_text())
     machine = report["machine"]
     for key in ("cpu_model", "cpus_available", "isa", "onnxruntime_version", "tensorrt_version", "jetson_power_mode"):
         assert key in machine
     assert "avx512f" in machine["isa"] or not machine["isa"]
     assert report["flops_per_clip"] > 0 and report["flops"]["by_op"]
-    assert report["gemm"]["gflops"] > 0
+    fp32 = report["limits"]["fp32"]
+    assert fp32["gflops"] == max(fp32["numpy"]["gflops"], fp32["onnxruntime"]["gflops"]) > 0
     assert "gpu_memory_mb" in report and report["bench_process_peak_rss_mb"] > 0
     variants = {r["variant"] for r in report["rows"]}
     assert {"model.onnx", "model.cpu.onnx"} <= variants
@@ -46,7 +47,8 @@ def test_bench_json_fields(optimized, tmp_path):
     for row in report["rows"]:
         assert 0 < row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
         assert row["rtf"] > 0 and row["clips_per_s"] > 0
-        assert 0 < row["percent_of_gemm_peak"] <= 1000
+        assert row["limit"] == ("int8" if "int8" in row["precision"] else "fp32")
+        assert 0 < row["percent_of_limit"] <= 100 and not row["above_limit"]
         assert row["cold_start_s"] > row["session_load_s"] > 0
         assert row["peak_rss_mb"] > 0
 
@@ -63,7 +65,7 @@ def test_flops_scale_with_length(tiny_bundle):
 
 
 def test_optimize_writes_preferred_cpu_model(optimized):
-    from edgeenc.export.bundle import read_manifest, verify_bundle
+    from edgeenc.runtime.bundle import read_manifest, verify_bundle
     from edgeenc.runtime.encoder import Encoder
 
     manifest = read_manifest(optimized)
@@ -91,8 +93,8 @@ def test_optimize_writes_preferred_cpu_model(optimized):
 
 
 def test_runtime_offers_only_gated_variants(optimized):
-    from edgeenc.export.bundle import read_manifest
     from edgeenc.runtime.backends import BackendUnavailable
+    from edgeenc.runtime.bundle import read_manifest
     from edgeenc.runtime.encoder import Encoder
 
     manifest = read_manifest(optimized)
@@ -117,7 +119,7 @@ def test_int8_that_fails_its_gate_is_retried_with_ffn_down_projections_in_fp32(a
     import onnx
 
     from edgeenc.export import optimize as opt
-    from edgeenc.export.bundle import read_manifest
+    from edgeenc.runtime.bundle import read_manifest
 
     out = tmp_path / "bundle"
     shutil.copytree(aliased_beats_bundle, out)
@@ -143,3 +145,50 @@ def test_int8_that_fails_its_gate_is_retried_with_ffn_down_projections_in_fp32(a
     weights = {i.name: tuple(i.dims) for i in model.graph.initializer}
     fp32_fc2 = [n for n in model.graph.node if n.op_type == "MatMul" and weights.get(n.input[1]) == (1040, 64)]
     assert len(fp32_fc2) == 2  # still plain fp32 MatMuls on the padded fc2 weights
+
+
+def test_bench_limit_ignores_a_forced_openblas_core(tiny_bundle, tmp_path, monkeypatch):
+    """OPENBLAS_CORETYPE=Haswell in the environment (as on shared machines) slows numpy, never the limit's
+    numpy run: the child runs without it, the report names it, and no row is above 100 % of its limit."""
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(app, ["bench", str(tiny_bundle), "--device", "cpu", "--seconds", "2", "--runs", "2",
+                                      "--warmup", "1", "--threads", "2", "--no-cold", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    limits = report["limits"]
+    assert limits["blas_overrides"]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert "OPENBLAS_CORETYPE=Haswell" in result.output
+    numpy = limits["fp32"]["numpy"]
+    assert numpy["child_blas_env"] is not None and "OPENBLAS_CORETYPE" not in numpy["child_blas_env"]
+    assert limits["numpy_with_overrides"]["child_blas_env"]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert limits["fp32"]["winner"] in result.output
+    assert limits["fp32"]["onnxruntime"]["per_shape"]["2048x2048x2048"] > 0
+    assert len(limits["shapes"]) >= 2  # the model's own GEMM shapes, then the square
+    assert report["rows"] and all(0 < r["percent_of_limit"] <= 100 for r in report["rows"])
+
+
+def test_a_row_above_its_limit_says_the_limit_is_wrong():
+    from edgeenc.runtime.bench import format_table
+    from edgeenc.runtime.gemm_limits import apply_limits
+
+    numpy = {"gflops": 50.0}
+    limits = {"fp32": {"gflops": 100.0, "winner": "numpy", "numpy": numpy,
+                       "onnxruntime": {"gflops": 80.0, "best_shape": "2048x2048x2048"}},
+              "int8": {"gflops": 400.0, "winner": "onnxruntime MatMulInteger u8 x s8 2048x2048x2048"},
+              "blas_overrides": {}, "shapes": ["2048x2048x2048"]}
+    rows = [{"backend": "cpu", "variant": "model.cpu.onnx", "precision": "fp32", "batch": 1, "achieved_gflops": 150.0},
+            {"backend": "cpu", "variant": "model.int8.onnx", "precision": "int8", "batch": 1, "achieved_gflops": 150.0},
+            {"backend": "trt", "variant": "engine", "precision": "fp16", "batch": 1, "achieved_gflops": 900.0}]
+    problems = apply_limits(rows, limits)
+    assert rows[0]["above_limit"] and rows[0]["percent_of_limit"] is None
+    assert rows[1]["limit"] == "int8" and rows[1]["percent_of_limit"] == pytest.approx(37.5)
+    assert rows[2]["limit"] is None and rows[2]["percent_of_limit"] is None  # CPU limits say nothing of a GPU
+    assert len(problems) == 1 and "model.cpu.onnx" in problems[0] and "the limit is wrong" in problems[0]
+    for row in rows:
+        row.update(p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, rtf=1.0, clips_per_s=1.0)
+    report = {"model_id": "m", "clip_seconds": 2.0, "threads": 2, "gflop_per_clip": 1.0, "limits": limits,
+              "machine": {"cpu_model": "x", "cpus_available": 2, "isa": {}}, "rows": rows,
+              "limit_problems": problems}
+    table = format_table(report)
+    assert "LIMIT WRONG" in table and table.count("over!") == 1 and "int8 limit 400.0 GFLOP/s" in table

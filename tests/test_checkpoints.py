@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from edgeenc.hashing import sha256_file
 from edgeenc.models import checkpoints
-from edgeenc.models.checkpoints import CheckpointError, CheckpointUnavailable, load_model, sha256_file
+from edgeenc.models.checkpoints import CheckpointError, CheckpointUnavailable, load_model
 from edgeenc.models.frontend import mel_matrix, window_function
 from edgeenc.models.registry import get_spec
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from edgeenc.cli import EXIT_SOME_FILES_FAILED, app
+from edgeenc.cli import app
+from edgeenc.cli_common import EXIT_SOME_FILES_FAILED
 from edgeenc.runtime.writers import RAVEN_COLUMNS
 
 BAD_KINDS = ("unreadable", "empty", "truncated", "zero_length", "nan")
@@ -37,10 +38,11 @@ def test_embed_npz(tiny_eat_bundle, birds_wav, tmp_path):
     result = cli("embed", tiny_eat_bundle[0], birds_wav, "-o", out, "--device", "cpu")
     assert result.exit_code == 0, result.output
     data = load_npz(out)
-    assert data["embeddings"].shape == (2, 64) and data["embeddings"].dtype == np.float32
-    assert list(data["file"]) == [str(birds_wav)] * 2
-    np.testing.assert_allclose(data["start"], [0.0, 10.0])
-    np.testing.assert_allclose(data["end"], [10.0, 10.13325])
+    # 10.13 s: one 10 s window; the default drops the 0.13 s tail (--last short keeps it, see below)
+    assert data["embeddings"].shape == (1, 64) and data["embeddings"].dtype == np.float32
+    assert list(data["file"]) == [str(birds_wav)]
+    np.testing.assert_allclose(data["start"], [0.0])
+    np.testing.assert_allclose(data["end"], [10.0])
     meta = json.loads(str(data["metadata_json"]))
     assert meta["random_init"] == "true" and meta["files_failed"] == "0"
     assert "1 file(s) done, 0 failed" in result.stderr
@@ -69,13 +71,13 @@ def read_detections(path: Path) -> list[dict]:
 
 def test_classify_csv_top_k(tiny_eat_bundle, birds_wav, tmp_path):
     out = tmp_path / "det.csv"
-    result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", out, "--top-k", "3")
+    result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", out, "--top-k", "3", "--window", "5")
     assert result.exit_code == 0, result.output
     rows = read_detections(out)
     assert list(rows[0]) == ["file", "start", "end", "rank", "label", "score"]
-    assert len(rows) == 2 * 3  # two windows, three labels each
+    assert len(rows) == 2 * 3  # two windows (the 0.13 s tail is dropped), three labels each
     labels = json.loads((tiny_eat_bundle[0] / "labels.json").read_text())
-    for start in ("0.0", "10.0"):
+    for start in ("0.0", "5.0"):
         window = [r for r in rows if r["start"] == start]
         assert [int(r["rank"]) for r in window] == [1, 2, 3]
         window_scores = [float(r["score"]) for r in window]
@@ -88,7 +90,7 @@ def test_classify_threshold_filters(tiny_eat_bundle, birds_wav, tmp_path):
     everything = tmp_path / "all.csv"
     assert cli("classify", tiny_eat_bundle[0], birds_wav, "-o", everything, "--top-k", "10").exit_code == 0
     all_rows = read_detections(everything)
-    assert len(all_rows) == 2 * 10
+    assert len(all_rows) == 1 * 10  # one window (the 0.13 s tail is dropped), ten labels
     threshold = float(np.median([float(r["score"]) for r in all_rows]))
     kept = tmp_path / "kept.csv"
     result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", kept, "--top-k", "10", "--threshold", threshold)
@@ -107,8 +109,8 @@ def test_classify_raven_table(tiny_eat_bundle, birds_wav, tmp_path):
     lines = out.read_text().splitlines()
     assert lines[0].split("\t") == list(RAVEN_COLUMNS)
     rows = [dict(zip(RAVEN_COLUMNS, line.split("\t"))) for line in lines[1:]]
-    assert len(rows) == 4
-    assert [r["Selection"] for r in rows] == ["1", "2", "3", "4"]
+    assert len(rows) == 2  # one window, two labels
+    assert [r["Selection"] for r in rows] == ["1", "2"]
     assert {r["Begin Path"] for r in rows} == {str(birds_wav)}
     assert float(rows[0]["End Time (s)"]) == 10.0 and float(rows[0]["High Freq (Hz)"]) == 8000.0
     assert all(0.0 <= float(r["Score"]) <= 1.0 for r in rows)
@@ -122,14 +124,29 @@ def test_classify_features_only_bundle_says_use_embed(tiny_beats_bundle, birds_w
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("last", "windows"), [("short", 2), ("pad", 2), ("drop", 1)])
+@pytest.mark.parametrize(("last", "windows"), [("short", 2), ("pad", 2), ("drop", 1), ("auto", 1), (None, 1)])
 def test_last_window_option(tiny_eat_bundle, birds_wav, tmp_path, last, windows):
     out = tmp_path / "emb.npz"
-    result = cli("embed", tiny_eat_bundle[0], birds_wav, "-o", out, "--last", last)
+    result = cli("embed", tiny_eat_bundle[0], birds_wav, "-o", out, *(("--last", last) if last else ()))
     assert result.exit_code == 0, result.output
     data = load_npz(out)
     assert data["embeddings"].shape == (windows, 64)
     np.testing.assert_allclose(data["end"], [10.0, 10.13325][:windows])
+
+
+def test_default_last_window_keeps_a_long_tail_and_a_short_file(tiny_eat_bundle, birds_wav, bad_audio_files,
+                                                               tmp_path):
+    out = tmp_path / "emb.npz"
+    # 6 s windows on the 10.13 s recording: the 4.13 s tail is over half a window, so it stays
+    result = cli("embed", tiny_eat_bundle[0], birds_wav, bad_audio_files["good_a"], "-o", out, "--window", "6")
+    assert result.exit_code == 0, result.output
+    data = load_npz(out)
+    assert list(data["file"]) == [str(birds_wav)] * 2 + [str(bad_audio_files["good_a"])]
+    np.testing.assert_allclose(data["start"], [0.0, 6.0, 0.0])
+    np.testing.assert_allclose(data["end"], [6.0, 10.13325, 3.0])  # the 3 s file: its only window, kept
+    for command in ("embed", "classify"):  # --help states the default (rich wraps it in a box: unwrap)
+        text = " ".join(cli(command, "--help").output.replace("\u2502", " ").split())
+        assert "--last" in text and "unless it is the file's only window" in text and "[default: auto]" in text
 
 
 def test_batching_across_files(tiny_eat_bundle, birds_wav, bad_audio_files, tmp_path):
@@ -140,7 +157,8 @@ def test_batching_across_files(tiny_eat_bundle, birds_wav, bad_audio_files, tmp_
         result = cli("embed", tiny_eat_bundle[0], *files, "-o", outs[batch], "--window", "2", "--batch", batch)
         assert result.exit_code == 0, result.output
     one, four = load_npz(outs[1]), load_npz(outs[4])
-    assert one["embeddings"].shape == four["embeddings"].shape == (6 + 2 + 2, 64)
+    # 2 s windows: 10.13 s -> 5 (its 0.13 s tail dropped), 3 s -> 2 (the 1 s tail stays), 4 s -> 2
+    assert one["embeddings"].shape == four["embeddings"].shape == (5 + 2 + 2, 64)
     assert list(one["file"]) == list(four["file"])
     np.testing.assert_array_equal(one["start"], four["start"])
     np.testing.assert_allclose(one["embeddings"], four["embeddings"], atol=1e-4)
@@ -188,14 +206,31 @@ def test_device_trt_is_an_error_naming_what_to_install(tiny_eat_bundle, birds_wa
     assert not out.exists()
 
 
-def test_device_auto_logs_skipped_backends(tiny_beats_bundle, birds_wav, tmp_path):
-    if _have("CUDAExecutionProvider"):
-        pytest.skip("this machine has onnxruntime-gpu")
+def test_cpu_only_embed_prints_one_backend_line_and_verbose_says_why(tiny_beats_bundle, birds_wav, tmp_path):
+    import importlib.util
+
+    if _have("CUDAExecutionProvider") or importlib.util.find_spec("tensorrt"):
+        pytest.skip("this machine has GPU software installed")
     result = cli("embed", tiny_beats_bundle[0], birds_wav, "-o", tmp_path / "emb.npz")
     assert result.exit_code == 0, result.output
-    assert "skipped trt:" in result.stderr
-    assert "skipped cuda:" in result.stderr
-    assert "running on cpu" in result.stderr
+    backend_lines = [line for line in result.stderr.splitlines()
+                     if any(word in line for word in ("running on", "skipped", "TensorRT", "onnxruntime-gpu"))]
+    assert len(backend_lines) == 1, result.stderr
+    assert backend_lines[0].startswith("running on cpu: onnxruntime")
+    assert backend_lines[0].endswith("(no GPU backend installed; -v for why)")
+    verbose = cli("embed", tiny_beats_bundle[0], birds_wav, "-o", tmp_path / "emb2.npz", "-v")
+    assert verbose.exit_code == 0, verbose.output
+    assert "skipped trt:" in verbose.stderr and "JetPack" in verbose.stderr
+    assert "skipped cuda:" in verbose.stderr and "onnxruntime-gpu" in verbose.stderr
+    assert "running on cpu" in verbose.stderr and "-v for why" not in verbose.stderr
+
+
+def test_explicit_missing_gpu_device_gets_the_full_message(tiny_beats_bundle, birds_wav, tmp_path):
+    if _have("CUDAExecutionProvider"):
+        pytest.skip("this machine has onnxruntime-gpu")
+    result = cli("embed", tiny_beats_bundle[0], birds_wav, "-o", tmp_path / "emb.npz", "--device", "cuda")
+    assert result.exit_code == 2
+    assert "no CUDAExecutionProvider" in result.stderr and "install 'edgeenc[gpu]'" in result.stderr
 
 
 # --- 3. bad input -----------------------------------------------------------------------------------

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 
 from edgeenc.cli import app
 from edgeenc.export import pipeline
-from edgeenc.export.bundle import read_manifest, verify_bundle
 from edgeenc.export.onnx_export import read_metadata
 from edgeenc.export.parity import ParityCase, error_stats, rowwise_cosine, run_fp32_gate
 from edgeenc.export.pipeline import export_bundle, ort_runner
 from edgeenc.models.checkpoints import load_model
+from edgeenc.runtime.bundle import read_manifest, verify_bundle
 
 TINY_BEATS = dict(embed_dim=64, depth=2, heads=4, ffn_dim=128, patch_dim=32, conv_pos=16, conv_pos_groups=4)
 runner = CliRunner()
@@ -248,7 +248,8 @@ def test_demo_says_offline_and_runs_flagged_random_weights(tmp_path, monkeypatch
     monkeypatch.setattr(checkpoints, "load_model", offline)
     result = runner.invoke(app, ["demo", "-o", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
-    assert "RANDOM weights" in result.output and "birds_10s.wav: 2 window(s)" in result.output
+    # 10.13 s: one window, the 0.13 s tail is dropped
+    assert "RANDOM weights" in result.output and "birds_10s.wav: 1 window(s)" in result.output
     assert "#1  random_class_" in result.output
     assert read_manifest(tmp_path / "demo")["random_init"] is True
     stop = runner.invoke(app, ["demo", "-o", str(tmp_path / "d2"), "--no-random-init-if-offline"])

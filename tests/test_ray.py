@@ -22,7 +22,8 @@ from typer.testing import CliRunner
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from edgeenc.cli import EXIT_SOME_FILES_FAILED, app  # noqa: E402
+from edgeenc.cli import app  # noqa: E402
+from edgeenc.cli_common import EXIT_SOME_FILES_FAILED  # noqa: E402
 
 SHORT_FILES = 31
 # 9 full windows and a 5.5 s one: no short file is 5.5 s long. Two windows of one length share an ORT batch

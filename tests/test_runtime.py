@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edgeenc.export.bundle import BundleError
 from edgeenc.runtime.audio import AudioError, load
 from edgeenc.runtime.backends import BackendUnavailable
+from edgeenc.runtime.bundle import BundleError
 from edgeenc.runtime.encoder import Encoder
 
 # The fp32 parity thresholds of DESIGN.md, applied here to the pooled embedding (and logits).
@@ -47,10 +47,12 @@ def torch_outputs(loaded, audio: np.ndarray, starts: np.ndarray, ends: np.ndarra
 
 def check_parity(bundle: Path, loaded, wav: Path) -> None:
     encoder = Encoder.load(bundle, "cpu")
-    result = encoder.embed_file(wav)
+    # last="short": the 0.13 s remainder is a clip of its own, compared with avex at that length (the
+    # default would drop it: windowing decides which clips a long file gives, not what a clip returns).
+    result = encoder.embed_file(wav, last="short")
     # The runtime resamples with soxr HQ (streaming); audio.load gives exactly those samples.
     audio = load(wav, encoder.sample_rate)
-    # 10.13 s: one 10 s window, and the 0.13 s remainder (last="short") when it reaches min_samples.
+    # 10.13 s: one 10 s window, and the 0.13 s remainder when it reaches min_samples.
     remainder = len(audio) - 10 * encoder.sample_rate
     expected = 2 if remainder >= encoder.min_samples else 1
     assert len(result) == expected
@@ -196,8 +198,8 @@ def test_formats_give_same_windows_and_embeddings(tiny_eat_bundle, format_varian
     if name not in format_variants:
         pytest.skip("this libsndfile cannot write MP3")
     encoder = Encoder.load(tiny_eat_bundle[0], "cpu")
-    reference = encoder.embed_file(format_variants["wav"])
-    result = encoder.embed_file(format_variants[name])
+    reference = encoder.embed_file(format_variants["wav"], last="short")  # the 0.13 s tail checks the length
+    result = encoder.embed_file(format_variants[name], last="short")
     assert len(result) == len(reference) == 2
     np.testing.assert_allclose(result.starts, reference.starts)
     # 10.133 s at 32 kHz and at 44.1 kHz both resample to the same count of 16 kHz samples (one at most apart).
@@ -366,10 +368,18 @@ def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle,
     backend = backends._try_cuda(bundle, ["embedding"])
     assert backend.name == "trt"
     (name, options), *rest = asked["providers"]
-    assert name == "TensorrtExecutionProvider" and rest == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert options["trt_fp16_enable"] == "True"
+    assert name == "TensorrtExecutionProvider"
+    assert rest == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    # fp16 from model.fp16.onnx's Casts (a strongly typed network), never the weak-typing trt_fp16_enable
+    assert "trt_fp16_enable" not in options and asked["path"].endswith("model.onnx")  # no fp16 file: fp32
+    (bundle / "model.fp16.onnx").write_bytes(b"")  # FakeSession never reads it
+    backends._try_cuda(bundle, ["embedding"])
+    assert asked["path"].endswith("model.fp16.onnx") and "trt_fp16_enable" not in asked["providers"][0][1]
     assert options["trt_engine_cache_path"].startswith(str(bundle / "engines"))
     monkeypatch.delenv("EDGEENC_ORT_TENSORRT")
+    backends._try_cuda(bundle, ["embedding"])
+    assert asked["providers"] == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "__version__", "1.17.3")  # no use_tf32 option yet: none is passed
     backends._try_cuda(bundle, ["embedding"])
     assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
@@ -392,7 +402,7 @@ def test_sed_birdcode_runs_at_32_khz_end_to_end(birds_wav, tmp_path):
     encoder = Encoder.load(bundle, "cpu")
     assert encoder.sample_rate == 32000 and encoder.window_seconds == 5.0
     result = encoder.embed_file(birds_wav)  # the recording is 32 kHz: no resampling
-    np.testing.assert_allclose(result.starts, [0.0, 5.0, 10.0])
+    np.testing.assert_allclose(result.starts, [0.0, 5.0])  # the 0.13 s tail is dropped by default
     samples, rate = sf.read(birds_wav, dtype="float32")
     assert rate == 32000
     with torch.no_grad():

@@ -1,28 +1,28 @@
 """`edgeenc build` and the TensorRT backend without a GPU: profiles, sidecars, refusals, the CLI, and the whole
-build -> gate -> sidecar -> manifest -> backend path against a stand-in tensorrt whose "engine" is ONNX Runtime
-(so buffers, copies and shapes are exercised). GPU tests at the end skip cleanly without tensorrt and a GPU."""
+build -> gate -> sidecar -> manifest -> backend path against stand-in tensorrt / cuda-python releases whose
+"engine" is ONNX Runtime (tests/trt_standins.py; buffers, copies and shapes are exercised). GPU tests at the
+end skip cleanly without tensorrt and a GPU."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 import sys
 import types
-from enum import IntEnum
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import pytest
+from trt_standins import fake_tensorrt, install_cuda_python
 from typer.testing import CliRunner
 
 from edgeenc.export import tensorrt as trt_build
-from edgeenc.export.bundle import read_manifest, verify_bundle
 from edgeenc.export.parity import rowwise_cosine
+from edgeenc.runtime import engines
 from edgeenc.runtime import tensorrt_backend as trt_rt
 from edgeenc.runtime.backends import BackendUnavailable, select_backend
+from edgeenc.runtime.bundle import read_manifest, verify_bundle
 
 BEATS = {"sample_rate": 16000, "min_samples": 2800, "window_seconds": 10.0, "architecture": "beats"}
 EAT = {"sample_rate": 16000, "min_samples": 400, "window_seconds": 10.0, "architecture": "eat",
@@ -70,15 +70,15 @@ def _sidecar(**changes) -> dict:
     ({"parity": {"passed": False}}, "failed its parity gate"),
 ])
 def test_sidecar_mismatches_say_why(changes, reason):
-    ok, why = trt_build.sidecar_matches(_sidecar(**changes), "Orin", "8.7", "10.3.0", multiprocessors=8)
+    ok, why = engines.sidecar_matches(_sidecar(**changes), "Orin", "8.7", "10.3.0", multiprocessors=8)
     assert not ok and reason in why
-    assert trt_build.sidecar_matches(_sidecar(), "Orin", "8.7", "10.3.0", multiprocessors=8)[0]
+    assert engines.sidecar_matches(_sidecar(), "Orin", "8.7", "10.3.0", multiprocessors=8)[0]
 
 
 def test_engine_names_and_the_refusal_message():
     name = trt_build.engine_file_name("fp16", "NVIDIA GeForce RTX 4090", "8.9", "10.3.0")
     assert name == "model.fp16.nvidia-geforce-rtx-4090.sm89.trt10.3.0.engine"
-    message = trt_build.refusal_message(Path("bundles/x"), ["a.engine: built with TensorRT 8.6.2"], "Orin", _sidecar())
+    message = engines.refusal_message(Path("bundles/x"), ["a.engine: built with TensorRT 8.6.2"], "Orin", _sidecar())
     assert "a.engine: built with TensorRT 8.6.2" in message
     assert "`edgeenc build bundles/x --precision fp16 --max-batch 8 --max-seconds 30`" in message
 
@@ -93,13 +93,13 @@ def _write_engine(bundle: Path, name: str, sidecar: dict) -> None:
 def test_engine_selection_prefers_fp16_and_refuses_stale_or_foreign_engines(tmp_path):
     manifest = {"files": {"model.onnx": {"sha256": "a1"}}}
     with pytest.raises(BackendUnavailable, match=r"no engine in .*engines.*`edgeenc build"):
-        trt_rt.select_engine(tmp_path, manifest, GPU, "10.3.0")
+        engines.select_engine(tmp_path, manifest, GPU, "10.3.0")
     _write_engine(tmp_path, "fp32.engine", _sidecar(precision="fp32", built_at="2026-01-02"))
     _write_engine(tmp_path, "fp16.engine", _sidecar(built_at="2026-01-01"))
     _write_engine(tmp_path, "old-trt.engine", _sidecar(tensorrt_version="8.6.2", built_at="2026-01-03"))
-    assert trt_rt.select_engine(tmp_path, manifest, GPU, "10.3.0")[0].name == "fp16.engine"
+    assert engines.select_engine(tmp_path, manifest, GPU, "10.3.0")[0].name == "fp16.engine"
     with pytest.raises(BackendUnavailable) as refused:
-        trt_rt.select_engine(tmp_path, {"files": {"model.onnx": {"sha256": "b2"}}}, GPU, "10.3.0")
+        engines.select_engine(tmp_path, {"files": {"model.onnx": {"sha256": "b2"}}}, GPU, "10.3.0")
     assert "built from an earlier export of model.onnx" in str(refused.value)
     assert "old-trt.engine: built with TensorRT 8.6.2" in str(refused.value)
     assert "edgeenc build" in str(refused.value)
@@ -134,7 +134,8 @@ def test_build_without_tensorrt_exits_2_naming_what_to_install(no_tensorrt, tmp_
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "pip install 'edgeenc[tensorrt]'" in text and "JetPack's TensorRT" in text
-    assert "--system-site-packages" in text and "pip install cuda-python" in text
+    assert "--system-site-packages" in text and "edgeenc[tensorrt-cu12]" in text
+    assert "pip install 'cuda-python>=13,<14'" in text and "'cuda-python>=12.2,<13' on CUDA 12" in text
 
 
 def test_backend_without_tensorrt_is_unavailable(no_tensorrt, tmp_path):
@@ -157,134 +158,7 @@ assert result.exit_code == 2 and "tensorrt Python package is not installed" in r
     subprocess.run([sys.executable, "-c", script], check=True)
 
 
-# --- a stand-in tensorrt + cuda runtime: the "engine" is the ONNX graph run by ONNX Runtime --------------------
-
-
-class FakeCudart:
-    """cudaMalloc & co. over host memory, so device pointers are real addresses."""
-
-    cudaMemcpyKind = types.SimpleNamespace(cudaMemcpyHostToDevice=1, cudaMemcpyDeviceToHost=2)
-
-    def __init__(self) -> None:
-        self.heap: dict[int, ctypes.Array] = {}
-        ok = (0,)
-        self.cudaGetDeviceCount = lambda: (0, 1)
-        self.cudaStreamCreate, self.cudaStreamDestroy, self.cudaStreamSynchronize = (lambda: (0, 77)), (
-            lambda s: ok), (lambda s: ok)
-        self.cudaMemcpyAsync = lambda dst, src, nbytes, kind, stream: (ctypes.memmove(dst, src, nbytes), ok)[1]
-        self.cudaFree = self.cudaFreeHost = lambda ptr: (self.heap.pop(ptr), ok)[1]
-        self.cudaGetDeviceProperties = lambda device: (0, types.SimpleNamespace(
-            name=b"Orin\x00", major=8, minor=7, multiProcessorCount=8, totalGlobalMem=8 << 30, integrated=1))
-
-    def cudaMalloc(self, nbytes):
-        block = ctypes.create_string_buffer(nbytes)
-        self.heap[ctypes.addressof(block)] = block
-        return 0, ctypes.addressof(block)
-
-    cudaMallocHost = cudaMalloc
-
-
-def fake_tensorrt(strongly_typed: bool = True, noise: float = 0.0) -> types.ModuleType:
-    """The tensorrt API edgeenc uses; a "plan" is a JSON header plus the ONNX graph, run by ONNX Runtime."""
-    ns = types.SimpleNamespace
-    trt = types.ModuleType("tensorrt")
-    trt.__version__, trt.float32, trt.float16, trt.nptype, trt.built = "10.3.0", "float32", "float16", np.dtype, {}
-    severity = IntEnum("Severity", "INTERNAL_ERROR ERROR WARNING INFO VERBOSE", start=0)
-    trt.ILogger = type("ILogger", (), {"Severity": severity, "__init__": lambda self, *a: None})
-    trt.Logger = type("Logger", (trt.ILogger,), {"WARNING": severity.WARNING})
-    trt.NetworkDefinitionCreationFlag = ns(EXPLICIT_BATCH=0, **({"STRONGLY_TYPED": 1} if strongly_typed else {}))
-    trt.BuilderFlag = ns(TF32="TF32", FP16="FP16", OBEY_PRECISION_CONSTRAINTS="OBEY")
-    trt.MemoryPoolType, trt.ProfilingVerbosity = ns(WORKSPACE="workspace"), ns(DETAILED="detailed")
-    trt.LayerType = ns(CONSTANT="Constant", SHAPE="Shape")
-    trt.TensorIOMode, trt.LayerInformationFormat = ns(INPUT="input", OUTPUT="output"), ns(JSON="json")
-
-    class Layer:
-        def __init__(self, node, dtypes):
-            self.name, self.type, self.precision, self.output_types = node.name, node.op_type, None, {}
-            self.outputs = [ns(name=o, is_execution_tensor=True, dtype="float32" if dtypes.get(o) == 1 else "int64")
-                            for o in node.output]
-            self.num_outputs, self.get_output = len(self.outputs), self.outputs.__getitem__
-
-        def set_output_type(self, i, dtype):
-            self.output_types[i] = dtype
-
-    class OnnxParser:
-        def __init__(self, network, logger):
-            self.network, self.num_errors = network, 0
-
-        def parse_from_file(self, path):
-            model = onnx.load(path)
-            inferred = onnx.shape_inference.infer_shapes(model).graph
-            dtypes = {v.name: v.type.tensor_type.elem_type for v in [*inferred.value_info, *inferred.output]}
-            layers = [Layer(n, dtypes) for n in model.graph.node]
-            self.network.__dict__.update(layers=layers, num_layers=len(layers), get_layer=layers.__getitem__,
-                                         onnx_bytes=model.SerializeToString())
-            return True
-
-    class Config:
-        def __init__(self):
-            self.flags, self.cleared, self.shapes, self.profiling_verbosity = set(), set(), None, None
-            self.set_memory_pool_limit = lambda pool, nbytes: None
-            self.set_flag, self.clear_flag = self.flags.add, self.cleared.add
-            self.create_timing_cache = lambda data: ns(serialize=lambda: data + b"+")
-
-        def add_optimization_profile(self, profile):
-            self.shapes = profile.shapes
-
-        def set_timing_cache(self, cache, ignore_mismatch):
-            self.get_timing_cache = lambda: cache
-            return True
-
-    class Builder:
-        def __init__(self, logger):
-            self.create_network, self.create_builder_config = (lambda flags: ns(flags=flags, layers=[])), Config
-
-        def create_optimization_profile(self):
-            profile = ns(shapes=None)
-            profile.set_shape = lambda name, lo, opt, hi: setattr(profile, "shapes", [list(lo), list(opt), list(hi)])
-            return profile
-
-        def build_serialized_network(self, network, config):
-            trt.built = {"flags": config.flags, "cleared": config.cleared, "network_flags": network.flags,
-                         "pinned": [layer.name for layer in network.layers if layer.precision == "float32"]}
-            return json.dumps({"shapes": config.shapes, "noise": noise}).encode() + b"\n" + network.onnx_bytes
-
-    class Engine:
-        def __init__(self, data):
-            header, model = data.split(b"\n", 1)
-            self.meta = json.loads(header)
-            self.session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-            self.names = ["audio"] + [o.name for o in self.session.get_outputs()]
-            self.num_io_tensors, self.get_tensor_name = len(self.names), self.names.__getitem__
-            self.get_tensor_mode = lambda name: "input" if name == "audio" else "output"
-            self.get_tensor_dtype = lambda name: "float32"
-            self.get_tensor_profile_shape = lambda name, index: self.meta["shapes"]
-            self.create_execution_context = lambda: Context(self)
-            layers = [{"Name": name, "Outputs": [{"Format/Datatype": "Float"}]} for name in self.names[1:]]
-            self.create_engine_inspector = lambda: ns(get_engine_information=lambda fmt: json.dumps({"Layers": layers}))
-
-    class Context:
-        def __init__(self, engine):
-            self.engine, self.addresses, self.shape = engine, {}, None
-            self.set_tensor_address = self.addresses.__setitem__
-            self.get_tensor_shape = lambda name: self.outputs[name].shape
-
-        def _run(self, audio):
-            return dict(zip(self.engine.names[1:], self.engine.session.run(self.engine.names[1:], {"audio": audio})))
-
-        def set_input_shape(self, name, shape):
-            self.shape = tuple(shape)
-            self.outputs = self._run(np.zeros(self.shape, np.float32))
-
-        def execute_async_v3(self, stream):
-            audio = (ctypes.c_float * int(np.prod(self.shape))).from_address(self.addresses["audio"])
-            for name, value in self._run(np.ctypeslib.as_array(audio).reshape(self.shape).copy()).items():
-                value = np.ascontiguousarray(value + self.engine.meta["noise"], dtype=np.float32)
-                ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
-            return True
-
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, lambda logger: ns(deserialize_cuda_engine=Engine)
-    return trt
+# --- stand-ins for tensorrt 8.6 / 10.x / 11.x and cuda-python 12 / 13 (tests/trt_standins.py) ------------------
 
 
 @pytest.fixture(scope="module")
@@ -301,24 +175,22 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def fake_gpu(monkeypatch, tiny_bundle, tmp_path):
-    """A copy of the tiny bundle and a function installing a stand-in tensorrt on a stand-in GPU."""
+    """A copy of the tiny bundle and a function installing stand-in tensorrt and cuda-python releases."""
     import shutil
 
     bundle = shutil.copytree(tiny_bundle, tmp_path / "bundle")
-    cudart = FakeCudart()
-    monkeypatch.setattr(trt_rt, "import_cudart", lambda: cudart)
 
-    def install(**options):
-        trt = fake_tensorrt(**options)
+    def install(version: str = "10.3.0", cuda: str = "12.9.1", noise: float = 0.0):
+        trt = fake_tensorrt(version, noise=noise)
         monkeypatch.setitem(sys.modules, "tensorrt", trt)
-        return trt
+        return trt, install_cuda_python(monkeypatch, cuda)
 
-    return bundle, cudart, install
+    return bundle, install
 
 
 def test_fp16_build_is_gated_recorded_and_selected_by_the_runtime(fake_gpu):
-    bundle, cudart, install = fake_gpu
-    trt = install()
+    bundle, install = fake_gpu
+    trt, cudart = install()
     profile = trt_build.compute_profile(read_manifest(bundle), max_batch=3, max_seconds=12)
     result = trt_build.build_engine(bundle, precision="fp16", profile=profile)
     assert result.accepted and result.engine.name == "model.fp16.orin.sm87.trt10.3.0.engine"
@@ -344,15 +216,16 @@ def test_fp16_build_is_gated_recorded_and_selected_by_the_runtime(fake_gpu):
     with pytest.raises(ValueError, match=r"outside this engine's profile \(batch 1-3, 0.175-12 s"):
         backend.run(np.zeros((4, 16000), np.float32))
     backend.close()
-    assert cudart.heap == {}
+    assert cudart.heap == {} and cudart.streams == []
 
 
 def test_weak_typing_pins_the_fp32_plan_on_tensorrt_8_6(fake_gpu):
-    bundle, _, install = fake_gpu
-    trt = install(strongly_typed=False)
+    bundle, install = fake_gpu
+    trt, _ = install("8.6.2", cuda="12.2.0")
     result = trt_build.build_engine(bundle, precision="fp16")
     assert result.accepted and result.data["typing"] == "weak" and result.data["source_onnx"] == "model.onnx"
     assert {"FP16", "OBEY"} <= trt.built["flags"] and "TF32" in trt.built["cleared"]
+    assert trt.built["network_flags"] == 1 << 0  # EXPLICIT_BATCH
     pinned = set(trt.built["pinned"])
     assert "/encoder/layers.0/final_layer_norm/LayerNormalization" in pinned
     assert "/encoder/layers.0/self_attn/Softmax" in pinned and "/ReduceMean" in pinned
@@ -361,7 +234,7 @@ def test_weak_typing_pins_the_fp32_plan_on_tensorrt_8_6(fake_gpu):
 
 
 def test_an_engine_that_fails_parity_is_kept_aside_and_refused(fake_gpu):
-    bundle, _, install = fake_gpu
+    bundle, install = fake_gpu
     install(noise=0.5)
     before = read_manifest(bundle)
     result = trt_build.build_engine(bundle, precision="fp32")
@@ -372,8 +245,8 @@ def test_an_engine_that_fails_parity_is_kept_aside_and_refused(fake_gpu):
 
 
 def test_engine_from_another_tensorrt_version_is_refused_with_the_rebuild_command(fake_gpu, monkeypatch):
-    bundle, _, install = fake_gpu
-    trt = install()
+    bundle, install = fake_gpu
+    trt, _ = install()
     assert trt_build.build_engine(bundle, precision="fp16").accepted
     trt.__version__ = "10.7.0"
     with pytest.raises(BackendUnavailable) as refused:
@@ -386,7 +259,7 @@ def test_engine_from_another_tensorrt_version_is_refused_with_the_rebuild_comman
 def test_build_cli_prints_layers_and_parity_and_exits_3_on_a_failed_gate(fake_gpu, noise, exit_code):
     from edgeenc.cli import app
 
-    bundle, _, install = fake_gpu
+    bundle, install = fake_gpu
     install(noise=noise)
     result = CliRunner().invoke(app, ["build", str(bundle), "--max-batch", "2", "--max-seconds", "11"])
     assert result.exit_code == exit_code, result.output
@@ -394,6 +267,110 @@ def test_build_cli_prints_layers_and_parity_and_exits_3_on_a_failed_gate(fake_gp
     verdict = "FAIL" if noise else "PASS"
     assert f"parity fp16 engine vs ONNX Runtime fp32: {verdict}" in result.output
     assert (".rejected.engine" in result.output) == bool(noise)
+
+
+# --- every TensorRT / cuda-python pairing a user can have: the version-specific paths ---------------------------
+
+# (TensorRT, cuda-python, network kind, create_network flags): JetPack 6.0, JetPack 6.1/6.2, current 10.x, 11.x
+PAIRINGS = [("8.6.2", "12.2.0", "weak", 1 << 0), ("10.3.0", "12.6.2", "strong", 1 << 1),
+            ("10.16.1", "12.9.1", "strong", 1 << 1), ("11.4.1", "13.0.0", "strong", 1 << 0)]
+
+
+@pytest.mark.parametrize("version, cuda, typing, network_flags", PAIRINGS)
+def test_build_sidecar_load_and_run_on_each_release(fake_gpu, version, cuda, typing, network_flags):
+    bundle, install = fake_gpu
+    trt, cudart = install(version, cuda=cuda)
+    profile = trt_build.compute_profile(read_manifest(bundle), max_batch=2, max_seconds=4)
+    result = trt_build.build_engine(bundle, precision="fp16", profile=profile)
+    assert result.accepted and trt.built["network_flags"] == network_flags
+    assert trt.built["strong"] == (typing == "strong")
+    assert trt.built["flags"] == ({"FP16", "OBEY"} if typing == "weak" else set()) and "TF32" in trt.built["cleared"]
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["typing"] == typing and sidecar["tensorrt_version"] == version
+    assert sidecar["source_onnx"] == ("model.onnx" if typing == "weak" else "model.fp16.onnx")
+    assert sidecar["layers"]["by_precision"] == {"fp32": 3}  # 11.x's split DataType / Format fields read too
+    manifest = read_manifest(bundle)
+    backend = trt_rt.TensorRTBackend.from_bundle(bundle, manifest, ["tokens", "embedding"])
+    assert f"TensorRT {version} fp16 engine" in backend.description
+    audio = (np.random.default_rng(1).standard_normal((2, 16000)) * 0.1).astype(np.float32)
+    session = ort.InferenceSession(str(bundle / sidecar["source_onnx"]), providers=["CPUExecutionProvider"])
+    expected = session.run(["tokens"], {"audio": audio})[0]
+    assert rowwise_cosine(backend.run(audio)["tokens"], expected).min() > 0.99999
+    backend.close()
+    assert cudart.heap == {} and cudart.streams == []
+    trt.__version__ = PAIRINGS[(PAIRINGS.index((version, cuda, typing, network_flags)) + 1) % 4][0]
+    with pytest.raises(BackendUnavailable, match=f"built with TensorRT {version}, this machine has TensorRT"):
+        trt_rt.TensorRTBackend.from_bundle(bundle, manifest, ["tokens"])
+
+
+@pytest.mark.parametrize("version, cuda, typing, network_flags", [PAIRINGS[0], PAIRINGS[-1]])
+def test_fp32_builds_without_precision_flags_on_8_6_and_11(fake_gpu, version, cuda, typing, network_flags):
+    bundle, install = fake_gpu
+    trt, _ = install(version, cuda=cuda)
+    result = trt_build.build_engine(bundle, precision="fp32", profile=trt_build.compute_profile(
+        read_manifest(bundle), max_batch=1, max_seconds=4))
+    assert result.accepted and result.data["source_onnx"] == "model.onnx" and result.data["typing"] == typing
+    assert trt.built["flags"] == set() and trt.built["network_flags"] == network_flags and trt.built["pinned"] == []
+
+
+def test_tensorrt_11_builds_strongly_typed_without_model_fp16_onnx(fake_gpu):
+    bundle, install = fake_gpu
+    trt, _ = install("11.4.1", cuda="13.0.0")
+    (bundle / "model.fp16.onnx").unlink()
+    result = trt_build.build_engine(bundle, precision="fp16")
+    assert result.accepted and result.data["typing"] == "strong" and trt.built["flags"] == set()
+    assert any("converted from model.onnx at build time" in n for n in result.data["build_notes"])
+
+
+def test_the_standins_refuse_what_their_release_lacks(monkeypatch, tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgeenc.export.fp16 import PrecisionPlan
+
+    trt11, trt10, trt86 = fake_tensorrt("11.4.1"), fake_tensorrt("10.3.0"), fake_tensorrt("8.6.2")
+    for name in ("FP16", "OBEY_PRECISION_CONSTRAINTS", "PREFER_PRECISION_CONSTRAINTS"):
+        assert not hasattr(trt11.BuilderFlag, name) and hasattr(trt10.BuilderFlag, name)
+    assert not hasattr(trt11.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+    assert not hasattr(trt86.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    value = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1]) for n in ("x", "y")]
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"], name="relu")], "g", value[:1], value[1:])
+    onnx.save(helper.make_model(graph), tmp_path / "relu.onnx")
+    parser = trt86.OnnxParser(trt86.Builder(None).create_network(0), None)  # implicit batch
+    assert not parser.parse_from_file(str(tmp_path / "relu.onnx")) and "explicit-batch" in parser.get_error(0).desc()
+    for trt, strong in ((trt11, 0), (trt10, 1 << 1)):
+        network = trt.Builder(None).create_network(strong)
+        assert trt.OnnxParser(network, None).parse_from_file(str(tmp_path / "relu.onnx"))
+        with pytest.raises((AttributeError, RuntimeError)):  # 11.x: no such attribute; 10.x: strongly typed
+            network.get_layer(0).precision = trt.float32
+        with pytest.raises((AttributeError, RuntimeError)):
+            network.get_layer(0).set_output_type(0, trt.float32)
+    # forcing the weak-typing path on TensorRT 11 fails at its first missing call instead of passing
+    weak = trt_build._Source(tmp_path / "relu.onnx", "model.onnx", "0", "weak", plan=PrecisionPlan())
+    profile = trt_build.compute_profile(BEATS)
+    with pytest.raises(AttributeError, match="EXPLICIT_BATCH"):
+        trt_build._build_serialized(trt11, weak, profile, 1.0, tmp_path / "t.cache")
+    install_cuda_python(monkeypatch, "13.0.0")
+    with pytest.raises(ImportError):
+        from cuda import cudart  # noqa: F401  (removed in cuda-python 13)
+    runtime = trt_rt.import_cudart()
+    stream = trt_rt._cuda(runtime.cudaStreamCreate())
+    with pytest.raises(TypeError):
+        int(stream)
+    assert trt_rt._handle(stream) == stream.handle
+    install_cuda_python(monkeypatch, "12.2.0")
+    assert trt_rt.import_cudart() is sys.modules["cuda.cudart"]  # the pre-12.6.1 name, found by the fallback
+    with pytest.raises(ImportError):
+        from cuda.bindings import runtime  # noqa: F401
+
+
+def test_unsupported_tensorrt_and_a_too_old_driver_are_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.4.3"))
+    install_cuda_python(monkeypatch, "13.0.0", devices=0, error=35)
+    with pytest.raises(trt_rt.TensorRTUnavailable) as refused:
+        trt_rt.require_tensorrt()
+    assert "TensorRT 8.4.3 is not supported" in str(refused.value)
+    assert "needs a newer NVIDIA driver" in str(refused.value) and "cuda-python>=12.2,<13" in str(refused.value)
 
 
 # --- on a real GPU -------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ def spans(windows: list[Window]) -> list[tuple[float, float, int]]:
 
 
 def test_short_last_window_keeps_its_true_length() -> None:
-    ws = list(iter_windows([ramp(250)], RATE, 1.0))
+    ws = list(iter_windows([ramp(250)], RATE, 1.0, last="short"))
     assert spans(ws) == [(0.0, 1.0, 100), (1.0, 2.0, 100), (2.0, 2.5, 50)]
     np.testing.assert_array_equal(ws[2].samples, ramp(250)[200:])
     assert all(w.samples.dtype == np.float32 for w in ws)
@@ -39,8 +39,8 @@ def test_drop_last_window() -> None:
 
 
 def test_min_samples_drops_a_tiny_tail() -> None:
-    assert len(list(iter_windows([ramp(205)], RATE, 1.0, min_samples=10))) == 2
-    assert len(list(iter_windows([ramp(210)], RATE, 1.0, min_samples=10))) == 3
+    assert len(list(iter_windows([ramp(205)], RATE, 1.0, min_samples=10, last="short"))) == 2
+    assert len(list(iter_windows([ramp(210)], RATE, 1.0, min_samples=10, last="short"))) == 3
     assert len(list(iter_windows([ramp(205)], RATE, 1.0, min_samples=10, last="pad"))) == 2
 
 
@@ -54,9 +54,33 @@ def test_exact_multiple_has_no_partial_window() -> None:
 
 
 def test_file_shorter_than_one_window() -> None:
-    assert spans(list(iter_windows([ramp(42)], RATE, 1.0))) == [(0.0, 0.42, 42)]
+    assert spans(list(iter_windows([ramp(42)], RATE, 1.0))) == [(0.0, 0.42, 42)]  # the default keeps it
+    assert spans(list(iter_windows([ramp(42)], RATE, 1.0, last="short"))) == [(0.0, 0.42, 42)]
     assert spans(list(iter_windows([ramp(42)], RATE, 1.0, last="pad"))) == [(0.0, 0.42, 100)]
     assert list(iter_windows([ramp(42)], RATE, 1.0, last="drop")) == []
+
+
+def test_default_drops_a_short_tail_and_keeps_a_long_one() -> None:
+    # 10 s windows: a 10.13 s file's 0.13 s tail is dropped, a 15 s file's 5 s tail (exactly half) kept
+    assert spans(list(iter_windows([ramp(1013)], RATE, 10.0))) == [(0.0, 10.0, 1000)]
+    assert spans(list(iter_windows([ramp(1500)], RATE, 10.0))) == [(0.0, 10.0, 1000), (10.0, 15.0, 500)]
+    assert len(list(iter_windows([ramp(1499)], RATE, 10.0))) == 1  # just under half the window
+    # 5 s windows (sed_birdcode's): a 9 s file's 4 s tail is kept at its true length
+    assert spans(list(iter_windows([ramp(900)], RATE, 5.0))) == [(0.0, 5.0, 500), (5.0, 9.0, 400)]
+    # 1.5 s windows: a 0.9 s tail is over half the window but under 1 s, so it goes too
+    assert spans(list(iter_windows([ramp(240)], RATE, 1.5))) == [(0.0, 1.5, 150)]
+    assert len(list(iter_windows([ramp(250)], RATE, 1.5))) == 2  # a 1.0 s tail stays
+    # the other policies keep their meaning on the same 10.13 s file
+    assert spans(list(iter_windows([ramp(1013)], RATE, 10.0, last="short")))[-1] == (10.0, 10.13, 13)
+    assert spans(list(iter_windows([ramp(1013)], RATE, 10.0, last="pad")))[-1] == (10.0, 10.13, 1000)
+    assert len(list(iter_windows([ramp(1013)], RATE, 10.0, last="drop"))) == 1
+
+
+def test_default_keeps_a_file_shorter_than_a_window_however_short() -> None:
+    assert spans(list(iter_windows([ramp(13)], RATE, 10.0))) == [(0.0, 0.13, 13)]
+    assert list(iter_windows([ramp(13)], RATE, 10.0, min_samples=20)) == []  # below the model's minimum
+    # windows asked for under 1 s are kept; only the final partial one is judged
+    assert spans(list(iter_windows([ramp(120)], RATE, 0.5))) == [(0.0, 0.5, 50), (0.5, 1.0, 50)]
 
 
 def test_no_audio_no_windows() -> None:
@@ -73,13 +97,13 @@ def test_overlapping_hop() -> None:
 
 def test_overlapping_hop_partial_window_only_when_it_adds_samples() -> None:
     # 260 samples: last full window [150, 250); [200, 260) adds samples 250..259.
-    ws = list(iter_windows([ramp(260)], RATE, 1.0, 0.5))
+    ws = list(iter_windows([ramp(260)], RATE, 1.0, 0.5, last="short"))
     assert spans(ws)[-1] == (2.0, 2.6, 60)
     assert len(ws) == 5
 
 
 def test_gapped_hop() -> None:
-    ws = list(iter_windows([ramp(520)], RATE, 1.0, 1.5))
+    ws = list(iter_windows([ramp(520)], RATE, 1.0, 1.5, last="short"))
     assert spans(ws) == [(0.0, 1.0, 100), (1.5, 2.5, 100), (3.0, 4.0, 100), (4.5, 5.2, 70)]
     np.testing.assert_array_equal(ws[3].samples, ramp(520)[450:])
 
@@ -90,7 +114,7 @@ def test_gapped_hop_tail_inside_a_gap_is_not_a_window() -> None:
 
 
 @pytest.mark.parametrize("hop", [None, 0.37, 1.0, 1.9])
-@pytest.mark.parametrize("last", ["short", "pad", "drop"])
+@pytest.mark.parametrize("last", ["auto", "short", "pad", "drop"])
 def test_streaming_over_random_blocks_equals_one_block(hop: float | None, last: str) -> None:
     rng = np.random.default_rng(7)
     audio = rng.standard_normal(1234).astype(np.float32)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The 4 KiB-aliasing effect behind export/layout.py, on single ONNX Runtime nodes.
 
-    python benchmarks/alias_microbench.py [--threads 1 2] [--rounds 40]
+    python benchmarks/investigations/alias_microbench.py [--threads 1 2] [--rounds 40]
 
 BEATs shapes at a 10 s clip (496 tokens): fc2 as a MatMul [496, K] x [K, 768] with K = 3072 (as
 exported) and K = 3088 (16 zero rows added), and the grouped positional conv (768 channels, 16 groups,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where one 10 s clip's time goes in ONNX Runtime: kernel time per op type and per op + input shape.
 
-    python benchmarks/profile_ops.py MODEL.onnx [--threads 2] [--runs 5] [--rate 16000]
+    python benchmarks/investigations/profile_ops.py MODEL.onnx [--threads 2] [--runs 5] [--rate 16000]
 
 The runtime's session settings (ORT_ENABLE_ALL, SkipLayerNormFusion off), 3 untimed runs, then `--runs`
 profiled runs; times are per run (ONNX Runtime's `enable_profiling`, which adds a little overhead).

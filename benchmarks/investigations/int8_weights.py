@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which int8 weights pass the quality gate, and how fast they run, on THIS CPU.
 
-    python benchmarks/int8_weights.py --bundle /tmp/edgeenc-bench/beats [--threads 2] [--rounds 12]
+    python benchmarks/investigations/int8_weights.py --bundle /tmp/edgeenc-bench/beats [--threads 2] [--rounds 12]
 
 ONNX Runtime multiplies u8 activations by s8 weights with `vpmaddubsw` on x86 CPUs without VNNI, which
 saturates int16 pair sums (runtime/isa.py). This writes dynamic-int8 variants of the bundle's
@@ -35,8 +35,8 @@ def main() -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgeenc.export import optimize as opt
-    from edgeenc.export.bundle import read_manifest
     from edgeenc.export.parity import LOWP_TOKEN_COSINE, ort_runner, run_reduced_gate
+    from edgeenc.runtime.bundle import read_manifest
     from edgeenc.runtime.isa import cpu_summary
 
     manifest = read_manifest(args.bundle)

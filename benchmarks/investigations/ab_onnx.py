@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Paired A/B timing of ONNX files on this CPU: is a graph rewrite faster, beyond this machine's noise?
 
-    python benchmarks/ab_onnx.py --threads 2 --rounds 80 A.onnx B.onnx [C.onnx ...]
+    python benchmarks/investigations/ab_onnx.py --threads 2 --rounds 80 A.onnx B.onnx [C.onnx ...]
 
 Every file runs through the runtime's own CPU backend (same session options users get) on a 10 s clip
 of the bundled recording, interleaved round-robin with 50 ms of idle before each run. Besides each

@@ -1,0 +1,200 @@
+"""`edgeenc embed`, `edgeenc classify` and `edgeenc info`: recordings through a bundle (torch-free)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from edgeenc.cli_common import (
+    EXIT_SOME_FILES_FAILED,
+    BatchOpt,
+    ChannelOpt,
+    DeviceOpt,
+    HopOpt,
+    LastOpt,
+    ThreadsOpt,
+    VariantOpt,
+    VerboseOpt,
+    WindowOpt,
+    audio_files,
+    err,
+    note,
+    open_encoder,
+    run_files,
+    window_options,
+)
+from edgeenc.cli_ray import AddressOpt, EngineOpt, RangeOpt, ThreadsPerWorkerOpt, WorkersOpt, on_ray
+
+
+def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
+    """Print a bundle's manifest and verify the hash of every file."""
+    from edgeenc.runtime.bundle import BundleError, read_manifest, verify_bundle
+    from edgeenc.runtime.isa import int8_variant_problem
+
+    try:
+        manifest = read_manifest(bundle)
+        problems = verify_bundle(bundle, manifest)
+    except BundleError as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None
+    keys = ("model_id", "architecture", "sample_rate", "embedding_dim", "window_seconds", "num_classes", "opset",
+            "licence", "checkpoint", "checkpoint_sha256", "random_init", "status")
+    for key in keys:
+        typer.echo(f"{key:18} {manifest.get(key)}")
+    typer.echo(f"{'versions':18} {json.dumps(manifest.get('versions', {}))}")
+    for variant, summary in manifest.get("parity", {}).items():
+        typer.echo(f"{'parity ' + variant:18} {'pass' if summary.get('passed') else 'FAIL'} "
+                   f"({summary.get('comparisons')} comparisons, {summary.get('failed')} failed)")
+    for name, entry in (manifest.get("variants") or {}).items():
+        state = "gate passed" if entry.get("parity") else "gate FAILED, not offered"
+        if entry.get("written") is False:
+            state = "not written: " + str(entry.get("why") or entry.get("reason") or "unsupported here")[:100]
+        weights = f", {entry['weights']} weights" if entry.get("weights") else ""
+        if entry.get("parity") and int8_variant_problem(name, entry):
+            state += " - NOT usable on this CPU (s8 weights saturate without VNNI: re-run `edgeenc optimize` here)"
+        typer.echo(f"{'variant':18} {name} ({entry.get('precision')}{weights}): {state}")
+    engines = sorted((bundle / "engines").glob("*.json")) if (bundle / "engines").is_dir() else []
+    for sidecar in engines:
+        try:
+            data = json.loads(sidecar.read_text())
+            typer.echo(f"{'engine':18} {sidecar.stem}: TensorRT {data.get('tensorrt_version')}, "
+                       f"{data.get('gpu', {}).get('name', data.get('gpu_name'))}, {data.get('precision')}")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            typer.echo(f"{'engine':18} {sidecar.name}: unreadable sidecar")
+    typer.echo("files:")
+    for name, entry in manifest.get("files", {}).items():
+        typer.echo(f"  {name:28} {entry['bytes']:>12,d}  {entry['sha256'][:16]}")
+    if manifest.get("random_init"):
+        note("warning: this bundle holds RANDOM weights (--random-init)")
+    if problems:
+        for problem in problems:
+            err(problem)
+        raise typer.Exit(1)
+    typer.echo("all file hashes match the manifest")
+
+
+
+
+def resumable_results(encoder, files: list[Path], options: dict, out: Path):
+    """Results of every readable file in order, resuming from `OUT.parts/`; returns (results, failed, parts)."""
+    from edgeenc.runtime.resume import PartFolder
+
+    parts = PartFolder(out, encoder.metadata)
+    saved = {str(f): parts.load(f) for f in files}
+    todo = [f for f in files if saved[str(f)] is None]
+    if len(todo) < len(files):
+        note(f"resuming: {len(files) - len(todo)} file(s) already done in {parts.folder}")
+    failed = 0
+    for outcome in run_files(encoder, todo, options):
+        if outcome.error:
+            failed += 1
+            continue
+        parts.save(outcome.result)
+        saved[outcome.path] = outcome.result
+    return [saved[str(f)] for f in files if saved[str(f)] is not None], failed, parts
+
+
+def finish_summary(done: int, failed: int, out: Path, parts) -> None:
+    note(f"{done} file(s) done, {failed} failed; wrote {out}")
+    if failed:
+        note(f"finished files are kept in {parts.folder}: fix or remove the failed ones and run again to resume")
+        raise typer.Exit(EXIT_SOME_FILES_FAILED)
+    parts.remove()
+
+
+def embed(
+    bundle: Path = typer.Argument(..., help="a bundle folder"),
+    audio: list[Path] = typer.Argument(..., help="audio files or folders (walked recursively)"),
+    out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
+    window: WindowOpt = None,
+    hop: HopOpt = None,
+    last: LastOpt = "auto",
+    device: DeviceOpt = "auto",
+    batch: BatchOpt = 8,
+    channel: ChannelOpt = None,
+    threads: ThreadsOpt = None,
+    variant: VariantOpt = None,
+    verbose: VerboseOpt = False,
+    engine: EngineOpt = "single",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    threads_per_worker: ThreadsPerWorkerOpt = 1,
+    range_seconds: RangeOpt = 600.0,
+) -> None:
+    """Embed recordings: one row per window with file, start, end and the embedding."""
+    import numpy as np
+
+    from edgeenc.runtime.writers import WriterError, write_embeddings
+
+    if on_ray(engine, bundle, audio, out, window_options(window, hop, last, batch, channel), device, variant,
+              address, workers, threads_per_worker, range_seconds, verbose):
+        return
+    files = audio_files(audio)
+    encoder = open_encoder(bundle, device, threads, variant, verbose)
+    results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
+    dim = encoder.embedding_dim
+    try:
+        write_embeddings(
+            out,
+            [r.file for r in results for _ in range(len(r))],
+            np.concatenate([r.starts for r in results]) if results else np.zeros(0),
+            np.concatenate([r.ends for r in results]) if results else np.zeros(0),
+            np.concatenate([r.embeddings for r in results]) if results else np.zeros((0, dim), np.float32),
+            {**encoder.metadata, "files_failed": str(failed)},
+        )
+    except WriterError as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None
+    finish_summary(len(results), failed, out, parts)
+
+
+def classify(
+    bundle: Path = typer.Argument(..., help="a bundle folder of a model with a classifier"),
+    audio: list[Path] = typer.Argument(..., help="audio files or folders (walked recursively)"),
+    out: Path = typer.Option(Path("detections.csv"), "-o", "--out", help=".csv table or .txt Raven selection table"),
+    top_k: int = typer.Option(5, "--top-k", help="labels per window"),
+    threshold: float | None = typer.Option(None, help="keep only scores >= this"),
+    activation: str = typer.Option("softmax", help="softmax (one label per window) or sigmoid (independent)"),
+    window: WindowOpt = None,
+    hop: HopOpt = None,
+    last: LastOpt = "auto",
+    device: DeviceOpt = "auto",
+    batch: BatchOpt = 8,
+    channel: ChannelOpt = None,
+    threads: ThreadsOpt = None,
+    variant: VariantOpt = None,
+    verbose: VerboseOpt = False,
+    engine: EngineOpt = "single",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    threads_per_worker: ThreadsPerWorkerOpt = 1,
+    range_seconds: RangeOpt = 600.0,
+) -> None:
+    """Classify recordings: the top-k labels with scores for every window."""
+    from edgeenc.runtime.encoder import top_k_rows
+    from edgeenc.runtime.writers import WriterError, write_classifications
+
+    if on_ray(engine, bundle, audio, out, window_options(window, hop, last, batch, channel), device, variant,
+              address, workers, threads_per_worker, range_seconds, verbose,
+              classify={"top_k": top_k, "threshold": threshold, "activation": activation}):
+        return
+    files = audio_files(audio)
+    encoder = open_encoder(bundle, device, threads, variant, verbose)
+    if "logits" not in encoder.output_names:
+        err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
+        raise typer.Exit(2)
+    results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
+    rows = [row for r in results
+            for row in top_k_rows(r, encoder.labels, top_k=top_k, threshold=threshold, activation=activation)]
+    durations = {r.file: float(r.ends.max()) for r in results if len(r)}
+    try:
+        write_classifications(out, rows, metadata={**encoder.metadata, "activation": activation},
+                              sample_rate=encoder.sample_rate, file_durations=durations)
+    except (WriterError, ValueError) as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None
+    finish_summary(len(results), failed, out, parts)
+
+

@@ -1,0 +1,142 @@
+"""The bundle folder: the only thing that crosses from export to runtime (CONTRACT.md).
+
+The runtime is the bundle's reader, so the format lives here; export writes through this module
+and never the other way round (tests/test_architecture.py holds the arrows). Torch-free: `edgeenc
+info` and the runtime read and verify bundles with the standard library alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, TypedDict
+
+from edgeenc.hashing import sha256_file
+
+from .writers import atomic_text
+
+MANIFEST = "manifest.json"
+PARITY = "parity.json"
+LABELS = "labels.json"
+MANIFEST_FORMAT = 1
+
+
+class BundleError(ValueError):
+    """A bundle that is missing, incomplete or changed since export."""
+
+
+class FileEntry(TypedDict):
+    sha256: str
+    bytes: int
+
+
+class Manifest(TypedDict, total=False):
+    """manifest.json, the one description of a bundle (CONTRACT.md lists the promised fields).
+
+    Written by `edgeenc export` (export/pipeline.py); `optimize` and `build` add to it through
+    :func:`add_files_to_manifest`. Readers must tolerate missing optional fields: bundles from
+    older versions lack the later ones.
+    """
+
+    format: int                  # MANIFEST_FORMAT of the writer
+    model_id: str                # the avex id, e.g. esp_aves2_sl_eat_all_ssl_all
+    architecture: str            # "beats" or "eat"
+    sample_rate: int             # Hz of the `audio` input (16000; 32000 for sed_birdcode)
+    embedding_dim: int           # width of `tokens` and `embedding`
+    window_seconds: float        # the model's native window
+    min_samples: int             # the shortest input the front end accepts
+    num_classes: int             # 0 for an encoder without a classifier head
+    classifier_pooling: str | None  # "cls" (EAT) or "mean" (BEATs) when there is a head
+    inputs: list[dict[str, Any]]    # name, dtype, shape (dynamic axes as names)
+    outputs: list[dict[str, Any]]   # tokens, embedding[, logits] with shapes
+    opset: int
+    licence: str                 # CC-BY-NC-SA-4.0 for every ESP checkpoint
+    licence_note: str
+    checkpoint: str              # where the weights came from (path, hub repo or "random-init")
+    checkpoint_sha256: str | None
+    random_init: bool            # True: random weights, every output is flagged
+    hf_repository: str
+    frontend: dict[str, Any]     # filterbank settings baked into the graph
+    notes: list[str]             # where this bundle differs from avex, and why
+    variants: dict[str, dict[str, Any]]  # model.<p>.onnx -> precision, parity, weights, gated_on, ...
+    optimize: dict[str, Any]     # what `edgeenc optimize` tried and measured
+    engines: dict[str, dict[str, Any]]   # TensorRT engines added by `edgeenc build`
+    tensorrt_op_check: dict[str, Any]    # ops outside TensorRT's ONNX support
+    parity: dict[str, dict[str, Any]]    # variant -> summary of its parity gate
+    status: str                  # "ok" or "failed-parity"
+    versions: dict[str, str]     # edgeenc, torch, onnx, onnxruntime, python at export
+    export_seconds: float
+    files: dict[str, FileEntry]  # every file of the bundle but the manifest, with its sha256
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    with atomic_text(path) as fh:
+        json.dump(data, fh, indent=1, sort_keys=False)
+        fh.write("\n")
+
+
+def bundle_files(bundle: Path) -> list[str]:
+    """Every file of the bundle except the manifest itself, as sorted relative paths."""
+    bundle = Path(bundle)
+    return sorted(
+        str(p.relative_to(bundle))
+        for p in bundle.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
+    )
+
+
+def hash_files(bundle: Path) -> dict[str, FileEntry]:
+    return {
+        name: {"sha256": sha256_file(bundle / name), "bytes": (bundle / name).stat().st_size}
+        for name in bundle_files(bundle)
+    }
+
+
+def write_manifest(bundle: Path, manifest: Manifest) -> Manifest:
+    """Add the hash of every file in the folder and write manifest.json atomically."""
+    bundle = Path(bundle)
+    manifest = {**manifest, "format": MANIFEST_FORMAT, "files": hash_files(bundle)}
+    write_json_atomic(bundle / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: not a folder; pass the folder that `edgeenc export` wrote")
+    if not path.is_file():
+        raise BundleError(f"{bundle}: no {MANIFEST}; is this a bundle written by `edgeenc export`?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def verify_bundle(bundle: Path, manifest: Manifest | None = None) -> list[str]:
+    """Problems found (changed, missing or unlisted files), empty when the bundle is intact."""
+    bundle = Path(bundle)
+    manifest = manifest or read_manifest(bundle)
+    listed = manifest.get("files", {})
+    problems = []
+    for name, entry in sorted(listed.items()):
+        path = bundle / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_file(path) != entry["sha256"]:
+            problems.append(f"{name}: changed since export (sha256 differs from the manifest)")
+    for name in bundle_files(bundle):
+        if name not in listed and not name.startswith("engines/"):
+            problems.append(f"{name}: not listed in the manifest")
+    return problems
+
+
+def add_files_to_manifest(bundle: Path, names: list[str], **fields: Any) -> Manifest:
+    """Hash files added after export (engines, optimised variants) into the manifest."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)
+    for name in names:
+        manifest["files"][name] = {"sha256": sha256_file(bundle / name), "bytes": (bundle / name).stat().st_size}
+    manifest.update(fields)
+    write_json_atomic(bundle / MANIFEST, manifest)
+    return manifest

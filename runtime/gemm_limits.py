@@ -1,0 +1,203 @@
+"""The GEMM limit a bench row is measured against: what this machine's best GEMM kernels reach here, now.
+
+fp32: the best of numpy (OpenBLAS, in a fresh process without the OPENBLAS_* / MKL_* kernel overrides,
+see `limits.gemm_gflops`) and ONNX Runtime's own MatMul (MLAS, the kernel the model runs on) on the
+model's most expensive weight GEMM shapes and on a large square, at the bench's thread count. Both are
+reported, with the winner. int8: ONNX Runtime's MatMulInteger (u8 activations x the weight type the
+bundle's int8 files use) on the same shapes, where the CPU has VNNI or the bundle has int8 rows. bf16:
+ONNX Runtime's bf16 MatMul where the CPU has bf16 dot products; its CPU provider has no such kernel
+today, which the report then says (and no bf16 row exists either: `edgeenc optimize` writes none).
+
+The one-node ONNX models are written here as protobuf bytes (a few fields of onnx.proto) because the
+runtime depends on onnxruntime only, not on the onnx package.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .backends import import_onnxruntime
+from .isa import VNNI_FLAGS, cpu_flags, int8_weight_type
+from .limits import blas_overrides, gemm_gflops
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 flags; "bf16" is the ARM (aarch64) feature name
+SQUARE = 2048
+MODEL_SHAPES = 3  # the model's most expensive weight GEMM shapes probed (they hold most of its FLOPs)
+
+# onnx.proto TensorProto.DataType values
+FLOAT, UINT8, INT8, INT32, BFLOAT16 = 1, 2, 3, 6, 16
+NUMPY_TYPES = {FLOAT: np.float32, UINT8: np.uint8, INT8: np.int8}
+
+
+# ---------------------------------------------------------------------------------------------- protobuf
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, value: int | str | bytes) -> bytes:
+    if isinstance(value, int):
+        return _varint(number << 3) + _varint(value)
+    data = value.encode() if isinstance(value, str) else value
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _value_info(name: str, elem_type: int, shape: tuple[int, ...]) -> bytes:
+    dims = b"".join(_field(1, _field(1, d)) for d in shape)  # TensorShapeProto.dim { dim_value }
+    tensor_type = _field(1, elem_type) + _field(2, dims)
+    return _field(1, name) + _field(2, _field(1, tensor_type))  # ValueInfoProto { name, type { tensor_type } }
+
+
+def _initializer(name: str, elem_type: int, array: np.ndarray) -> bytes:
+    dims = b"".join(_field(1, d) for d in array.shape)
+    return dims + _field(2, elem_type) + _field(8, name) + _field(9, np.ascontiguousarray(array).tobytes())
+
+
+def matmul_model(m: int, k: int, n: int, a_type: int, b: np.ndarray, b_type: int) -> bytes:
+    """A one-node ONNX model: MatMul (float types) or MatMulInteger (8-bit types) of input a [m, k] by the
+    constant b [k, n], so ONNX Runtime pre-packs b as it does a model's weights."""
+    integer = a_type in (UINT8, INT8)
+    op, inputs, inits = "MatMul", ["a", "b"], [_initializer("b", b_type, b)]
+    if integer:
+        op, inputs = "MatMulInteger", [*inputs, "a_zero", "b_zero"]
+        inits += [_initializer("a_zero", a_type, np.array(128, NUMPY_TYPES[a_type])),
+                  _initializer("b_zero", b_type, np.array(0, NUMPY_TYPES[b_type]))]
+    node = b"".join(_field(1, i) for i in inputs) + _field(2, "c") + _field(4, op)
+    graph = (_field(1, node) + _field(2, "gemm_limit") + b"".join(_field(5, i) for i in inits)
+             + _field(11, _value_info("a", a_type, (m, k))) + _field(12, _value_info("c", INT32 if integer
+                                                                                   else a_type, (m, n))))
+    opset = _field(1, "") + _field(2, 17)
+    return _field(1, 8) + _field(2, "edgeenc") + _field(7, graph) + _field(8, opset)
+
+
+# ---------------------------------------------------------------------------------------------- probes
+
+
+def _best_seconds(run, repeats: int, min_total: float = 0.05) -> float:
+    """Best single-run time of `run` over `repeats` runs, more for tiny shapes (timer noise)."""
+    run()
+    best, total, count = float("inf"), 0.0, 0
+    while count < repeats or (total < min_total and count < 200):
+        start = time.perf_counter()
+        run()
+        elapsed = time.perf_counter() - start
+        best, total, count = min(best, elapsed), total + elapsed, count + 1
+    return best
+
+
+def ort_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: int | None, repeats: int = 5,
+                    weights: str = "s8") -> float:
+    """GFLOP/s of ONNX Runtime CPU's MatMul (fp32, bf16) or MatMulInteger (int8, u8 x `weights`)."""
+    ort = import_onnxruntime()
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    if precision == "int8":
+        a_type, b_type = UINT8, (INT8 if weights == "s8" else UINT8)
+        a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+        b = rng.integers(-128, 128, (k, n)).astype(NUMPY_TYPES[b_type])
+    else:
+        a_type = b_type = FLOAT if precision == "fp32" else BFLOAT16
+        a = rng.standard_normal((m, k), dtype=np.float32)
+        b = rng.standard_normal((k, n), dtype=np.float32)
+        if precision == "bf16":  # bf16 is the upper half of an fp32: numpy has no bf16 dtype
+            a, b = [(x.view(np.uint32) >> 16).astype(np.uint16) for x in (a, b)]
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(matmul_model(m, k, n, a_type, b, b_type), options,
+                                   providers=["CPUExecutionProvider"])
+    feed = {"a": a}
+    seconds = _best_seconds(lambda: session.run(None, feed), repeats)
+    return 2.0 * m * k * n / seconds / 1e9
+
+
+def _ort_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None, weights: str) -> dict:
+    per_shape = {"x".join(map(str, s)): ort_gemm_gflops(s, precision, threads, weights=weights) for s in shapes}
+    best = max(per_shape, key=per_shape.get)
+    return {"gflops": per_shape[best], "best_shape": best, "per_shape": per_shape}
+
+
+def probe_shapes(gemm_shapes: list[dict]) -> list[tuple[int, int, int]]:
+    """The model's most expensive weight GEMM shapes (M x K x N) and a large square."""
+    found = [(s["m"], s["k"], s["n"]) for s in gemm_shapes[:MODEL_SHAPES]]
+    return [*found, (SQUARE, SQUARE, SQUARE)]
+
+
+def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: bool = False,
+                   int8_weights: str | None = None, compare_overrides: bool = True) -> dict:
+    """fp32 (and, where they apply, int8 and bf16) GEMM limits of this machine, each with how it was found."""
+    flags = cpu_flags() or set()
+    shapes = probe_shapes(gemm_shapes)
+    numpy_clean = gemm_gflops(threads)
+    ort_fp32 = _ort_probe(shapes, "fp32", threads, "s8")
+    fp32 = {"numpy": numpy_clean, "onnxruntime": ort_fp32, "how": "best of numpy (overrides removed) and "
+            "onnxruntime MatMul on the model's GEMM shapes and a large square, same thread count"}
+    if (numpy_clean["gflops"] or 0.0) >= ort_fp32["gflops"]:
+        fp32.update(gflops=numpy_clean["gflops"], winner="numpy")
+    else:
+        fp32.update(gflops=ort_fp32["gflops"], winner=f"onnxruntime MatMul {ort_fp32['best_shape']}")
+    limits: dict = {"fp32": fp32, "blas_overrides": blas_overrides(), "threads": threads,
+                    "shapes": ["x".join(map(str, s)) for s in shapes]}
+    if limits["blas_overrides"] and compare_overrides:  # what they cost numpy: why they were removed
+        limits["numpy_with_overrides"] = gemm_gflops(threads, keep_blas_overrides=True)
+    vnni = any(f in flags for f in VNNI_FLAGS)
+    if vnni or int8_rows:
+        weights = int8_weights or int8_weight_type()[0]
+        probe = _ort_probe(shapes, "int8", threads, weights)
+        limits["int8"] = {**probe, "winner": f"onnxruntime MatMulInteger u8 x {weights} {probe['best_shape']}",
+                          "vnni": vnni, "weights": weights}
+    if any(f in flags for f in BF16_FLAGS):
+        try:
+            probe = _ort_probe(shapes, "bf16", threads, "s8")
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a missing kernel
+            limits["bf16"] = {"gflops": None, "why": "onnxruntime could not run a bf16 MatMul on its CPU provider "
+                              "(no kernel; no bf16 row either): " + str(exc).splitlines()[0][:160]}
+        else:
+            limits["bf16"] = {**probe, "winner": f"onnxruntime MatMul bf16 {probe['best_shape']}"}
+    return limits
+
+
+def merge_limits(before: dict, after: dict) -> dict:
+    """The higher of two measurements of each limit (load on the machine only ever lowers one)."""
+    merged = {**before, **after}  # numpy_with_overrides is measured before only
+    for key in ("fp32", "int8", "bf16"):
+        runs = [r for r in (before.get(key), after.get(key)) if r]
+        if runs:
+            best = max(runs, key=lambda r: r.get("gflops") or 0.0)
+            merged[key] = {**best, "before_gflops": (before.get(key) or {}).get("gflops"),
+                           "after_gflops": (after.get(key) or {}).get("gflops")}
+    return merged
+
+
+def limit_for(precision: str) -> str:
+    """Which limit a row of `precision` is measured against."""
+    return "int8" if "int8" in precision else "bf16" if precision == "bf16" else "fp32"
+
+
+def apply_limits(rows: list[dict], limits: dict) -> list[str]:
+    """Set each CPU row's limit and % of it; a row above its limit gets no % and a line saying the limit is
+    wrong (returned). GPU rows get no limit: these are CPU kernels."""
+    problems = []
+    for row in rows:
+        key = limit_for(row.get("precision", "fp32"))
+        gflops = (limits.get(key) or {}).get("gflops") if row["backend"] == "cpu" else None
+        row.update(limit=key if gflops else None, limit_gflops=gflops, percent_of_limit=None, above_limit=False)
+        if not gflops:
+            continue
+        percent = 100.0 * row["achieved_gflops"] / gflops
+        if percent > 100.0:
+            row["above_limit"] = True
+            problems.append(f"{row['variant']} ({row['backend']}, batch {row['batch']}) ran at "
+                            f"{row['achieved_gflops']:.1f} GFLOP/s, above the {key} limit of {gflops:.1f} GFLOP/s "
+                            f"({limits[key].get('winner')}): the limit is wrong, so no percentage is shown")
+        else:
+            row["percent_of_limit"] = percent
+    return problems

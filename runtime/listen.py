@@ -1,0 +1,305 @@
+"""Live mode: windows of a never-ending source, embedded (and classified) as they arrive, into a store.
+
+The capture thread runs the source into a bounded :class:`~edgeenc.runtime.ring.AudioRing`; this
+thread takes chunks, cuts windows with :func:`~edgeenc.runtime.windows.iter_windows` (the same
+policy and the same numbers as `edgeenc embed` of the audio as a file) and runs them through the
+encoder. While it keeps up, each window runs as soon as it is complete (batch of one, lowest
+latency); when it falls behind, the windows that are ready go together, up to ``batch_size``.
+When it cannot keep up at all, the ring drops the oldest audio; drops are counted, stored with the
+stream, and logged at most once per ``report_seconds``.
+
+Segments and the last window. Audio is cut into windows per *segment*: contiguous audio between
+the start, a drop, a source restart and the end of the source. A new segment starts its own window
+grid at its first sample. Audio before a drop or a restart that does not fill a window is dropped
+(under overload that audio is exactly what there is no time for). At the END of the source (a pipe
+that closes) the final partial window follows ``last`` as for files: "short" (the default here,
+whatever the file commands' default), "pad" or "drop". On a signal the partial window is dropped.
+
+Signals: the first SIGTERM/SIGINT stops capture, runs the windows already cut (the current batch),
+closes the stream and returns; a second one abandons the batch (its transaction rolls back).
+Nothing here prints: progress goes to ``logging`` and to ``on_event(kind, detail)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .encoder import Encoder
+from .live_store import LiveStore, utc_iso
+from .ring import END, AudioRing, Chunk, Stamper
+from .sources import Source
+from .watch import window_detections
+from .windows import LAST_POLICIES, Batch, Window, WindowBatcher, iter_windows
+
+__all__ = ["ListenSummary", "listen"]
+
+log = logging.getLogger(__name__)
+
+Event = Callable[[str, str], None]  # (kind, detail); kinds: batch, dropped, clip, restart
+
+
+@dataclass
+class ListenSummary:
+    audio_seconds: float = 0.0  # received from the source (model-rate samples / rate), drops included
+    dropped_seconds: float = 0.0
+    windows: int = 0
+    batches: int = 0
+    skipped_windows: int = 0  # windows with NaN / inf samples (f32le input), not run
+    clips: int = 0
+    restarts: int = 0
+    resyncs: int = 0  # times the wall clock was re-anchored after a stall
+    max_buffered_seconds: float = 0.0
+    inference_seconds: float = 0.0  # wall time inside the backend
+    cpu_seconds: float = 0.0  # process CPU time (every thread) while listening
+    elapsed_seconds: float = 0.0
+    ended: str = ""  # "end of source", "signal" or "stopped"
+
+    @property
+    def speed(self) -> float:
+        """Audio seconds encoded per second of inference (x real time, as `edgeenc bench` reports rtf)."""
+        return (self.audio_seconds - self.dropped_seconds) / self.inference_seconds if self.inference_seconds else 0.0
+
+
+class _Stop:
+    def __init__(self, external: threading.Event | None) -> None:
+        self.external, self.signals = external, 0
+
+    @property
+    def requested(self) -> bool:
+        return self.signals > 0 or (self.external is not None and self.external.is_set())
+
+    def handler(self, signum, frame) -> None:
+        self.signals += 1
+        if self.signals > 1:
+            raise KeyboardInterrupt
+        log.info("signal %d: finishing the current batch (send again to abandon it)", signum)
+
+
+class _Segment:
+    """Contiguous audio from the ring, as blocks for iter_windows, with the wall clock of each sample."""
+
+    def __init__(self, first: Chunk, ring: AudioRing, stop: _Stop, idle: Callable[[], None]) -> None:
+        self.start, self.segment = first.index, first.segment
+        self.ring, self.stop, self.idle = ring, stop, idle
+        self.rate = ring.sample_rate
+        self.ended = ""  # "eof", "gap" or "stop" once blocks() is exhausted
+        self.carry: Chunk | None = None  # the first chunk of the next segment
+        self._first: Chunk | None = first
+        self._anchors: deque[tuple[int, float]] = deque()  # (index, wall time) of each chunk taken
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        expected = self.start
+        while True:
+            chunk, self._first = self._first or self._next(), None
+            if chunk is None:
+                return
+            if chunk.index != expected or chunk.segment != self.segment:
+                self.carry, self.ended = chunk, "gap"
+                return
+            self._anchors.append((chunk.index, chunk.wall_start))
+            expected += len(chunk.samples)
+            yield chunk.samples
+
+    def _next(self) -> Chunk | None:
+        chunk = self.ring.take(0.0)
+        if chunk is None:
+            self.idle()  # caught up with the source: run what is waiting instead of batching it
+        while chunk is None and not self.stop.requested:
+            chunk = self.ring.take(0.2)
+        if chunk is END or self.stop.requested:
+            self.ended = "eof" if chunk is END else "stop"
+            return None
+        return chunk
+
+    def wall(self, index: int) -> float:
+        while len(self._anchors) > 1 and self._anchors[1][0] <= index:
+            self._anchors.popleft()  # windows come in order: earlier chunks are never asked for again
+        first_index, first_wall = self._anchors[0]
+        return first_wall + (index - first_index) / self.rate
+
+
+def listen(
+    encoder: Encoder,
+    store: LiveStore,
+    source: Source,
+    *,
+    source_name: str,
+    window_seconds: float | None = None,
+    hop_seconds: float | None = None,
+    last: str = "short",
+    batch_size: int = 8,
+    top_k: int = 5,
+    threshold: float | None = None,
+    clips_dir: str | Path | None = None,
+    buffer_seconds: float = 60.0,
+    resync_seconds: float = 5.0,
+    report_seconds: float = 60.0,
+    stop: threading.Event | None = None,
+    handle_signals: bool = True,
+    on_event: Event | None = None,
+) -> ListenSummary:
+    """Listen to SOURCE until it ends, ``stop`` is set or a signal comes; every window goes into STORE."""
+    rate = encoder.sample_rate
+    window = window_seconds or encoder.window_seconds
+    w = int(round(window * rate))
+    if last not in LAST_POLICIES:
+        raise ValueError(f"last must be one of {', '.join(LAST_POLICIES)}; got {last!r}")
+    if clips_dir is not None and (threshold is None or "logits" not in encoder.output_names):
+        raise ValueError("saving clips needs a model with a classifier and a --threshold to call a detection")
+    hop = int(round((hop_seconds or window) * rate))
+    # Room for at least two windows and a hop, whatever was asked: less could never hold a whole window.
+    ring = AudioRing(max(int(buffer_seconds * rate), 2 * w + hop), drop_samples=w, sample_rate=rate)
+    stamper = Stamper(ring, source.sample_rate, rate, resync_seconds=resync_seconds)
+    state, halt = _Stop(stop), threading.Event()
+    summary = ListenSummary()
+    file_id = store.open_stream(source_name, source.sample_rate)
+    failure: list[BaseException] = []
+    batcher = WindowBatcher(batch_size)
+    reported = {"at": time.monotonic(), "dropped": 0, "received": 0}
+    t0, cpu0 = time.monotonic(), time.process_time()
+
+    def event(kind: str, detail: str) -> None:
+        log.log(logging.WARNING if kind == "dropped" else logging.INFO, "%s %s", kind, detail)
+        if on_event is not None:
+            on_event(kind, detail)
+
+    def totals() -> dict:
+        summary.audio_seconds = stamper.index / rate
+        summary.dropped_seconds = ring.dropped / rate
+        summary.restarts = source.restarts
+        return {"audio_seconds": summary.audio_seconds, "dropped_seconds": summary.dropped_seconds,
+                "restarts": summary.restarts}
+
+    def run(batches: list[Batch]) -> None:
+        for batch in batches:
+            _record(batch, encoder, store, file_id, summary, top_k, threshold, clips_dir, event, totals)
+        _report_drops(ring, stamper, reported, report_seconds, event, summary)
+
+    def capture() -> None:
+        try:
+            source.run(stamper, halt)
+            stamper.flush()
+        except BaseException as exc:  # handed to the main thread, which raises it after closing the stream
+            failure.append(exc)
+        finally:
+            ring.close()
+
+    old_handlers = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old_handlers[sig] = signal.signal(sig, state.handler)
+    capture_thread = threading.Thread(target=capture, name="edgeenc-capture", daemon=True)
+    capture_thread.start()
+    try:
+        chunk = _first_chunk(ring, state)
+        while chunk is not None:
+            segment = _Segment(chunk, ring, state, lambda: run(batcher.flush()))
+            for win in iter_windows(segment.blocks(), rate, window, hop_seconds, min_samples=encoder.min_samples,
+                                    last="short"):
+                samples = win.samples
+                if len(samples) < w:  # the segment's final partial window
+                    if segment.ended != "eof" or last == "drop":
+                        continue
+                    if last == "pad":
+                        samples = np.concatenate([samples, np.zeros(w - len(samples), np.float32)])
+                start = segment.start + int(round(win.start_seconds * rate))
+                key = (start / rate, segment.start / rate + win.end_seconds, segment.wall(start))
+                run(batcher.add(key, Window(win.start_seconds, win.end_seconds, samples)))
+            chunk = segment.carry
+        run(batcher.flush())
+        summary.ended = "signal" if state.signals else ("stopped" if state.requested else "end of source")
+    finally:
+        halt.set()
+        source.close()
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        summary.resyncs = stamper.resyncs
+        summary.max_buffered_seconds = ring.high_water / rate
+        summary.elapsed_seconds = time.monotonic() - t0
+        summary.cpu_seconds = time.process_time() - cpu0
+        store.close_stream(file_id, **totals())
+    capture_thread.join(1.0)
+    if failure:
+        raise failure[0]
+    return summary
+
+
+def _first_chunk(ring: AudioRing, state: _Stop) -> Chunk | None:
+    while not state.requested:
+        chunk = ring.take(0.2)
+        if chunk is END:
+            return None
+        if chunk is not None:
+            return chunk
+    return None
+
+
+def _record(batch: Batch, encoder: Encoder, store: LiveStore, file_id: int, summary: ListenSummary, top_k: int,
+            threshold: float | None, clips_dir, event: Event, totals: Callable[[], dict]) -> None:
+    finite = np.isfinite(batch.samples).all(axis=1)
+    if not finite.all():
+        summary.skipped_windows += int((~finite).sum())
+        log.warning("%d window(s) with NaN or infinite samples skipped", int((~finite).sum()))
+    rows = np.flatnonzero(finite)
+    if not len(rows):
+        return
+    began = time.perf_counter()
+    outputs = encoder.backend.run(batch.samples[rows])
+    summary.inference_seconds += time.perf_counter() - began
+    keys = [batch.keys[i] for i in rows]
+    logits = outputs.get("logits")
+    detections = window_detections(logits, encoder.labels, top_k, threshold)
+    clips = []
+    if clips_dir is not None:
+        clips = [(i, _save_clip(Path(clips_dir), batch.windows[rows[i]], keys[i][2], label, score,
+                                encoder.sample_rate), label, score)
+                 for i, label, rank, score in detections if rank == 1]
+    store.record_batch(file_id, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
+                       outputs["embedding"], detections, clips, **totals())
+    summary.windows += len(rows)
+    summary.batches += 1
+    summary.clips += len(clips)
+    for _, path, label, score in clips:
+        event("clip", f"{label} {score:.3f} {path}")
+    event("batch", f"{len(rows)} window(s) from {utc_iso(keys[0][2])}")
+
+
+def _save_clip(folder: Path, window: Window, wall: float, label: str, score: float, rate: int) -> str:
+    import soundfile as sf
+
+    from .writers import atomic_path
+
+    real = int(round((window.end_seconds - window.start_seconds) * rate))  # padding is not audio
+    stamp = utc_iso(wall).replace("+00:00", "Z").replace(":", "").replace("-", "")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("_")[:80] or "label"
+    path = folder / f"{stamp}_{safe}_{score:.3f}.flac"
+    # Written (and fsynced) before the batch's transaction: a crash can leave a clip without its row,
+    # never a row without its clip.
+    with atomic_path(path) as tmp:
+        sf.write(tmp, window.samples[:real], rate, format="FLAC")
+    return str(path)
+
+
+def _report_drops(ring: AudioRing, stamper: Stamper, reported: dict, every: float, event: Event,
+                  summary: ListenSummary) -> None:
+    dropped, now = ring.dropped, time.monotonic()
+    fresh = dropped - reported["dropped"]
+    if not fresh or (reported["dropped"] and now - reported["at"] < every):
+        return
+    received = stamper.index - reported["received"]
+    rate = ring.sample_rate
+    speed = f"it runs at {summary.speed:.2f}x real time; " if summary.inference_seconds else ""
+    event("dropped", f"{fresh / rate:.1f} s of audio in the last {now - reported['at']:.1f} s "
+                     f"({100 * fresh / max(received, 1):.0f} % of what arrived): the encoder cannot keep up "
+                     f"({speed}try --threads, a faster variant or a longer --hop)")
+    reported.update(at=now, dropped=dropped, received=stamper.index)
