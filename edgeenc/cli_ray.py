@@ -19,7 +19,8 @@ from edgeenc.cli_common import EXIT_SOME_FILES_FAILED, err, note, open_encoder
 ENGINES = ("single", "ray")
 
 EngineOpt = Annotated[str, typer.Option(help="single (this process) or ray (Parquet shards into the -o folder)")]
-AddressOpt = Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (default: a local one)")]
+AddressOpt = Annotated[str | None, typer.Option(help="--engine ray: join this Ray cluster (default: $RAY_ADDRESS, "
+                                                     "else a new local one)")]
 WorkersOpt = Annotated[int, typer.Option(help="--engine ray: encoder actors, each with its own model session")]
 ThreadsPerWorkerOpt = Annotated[int, typer.Option(help="--engine ray: ONNX Runtime threads (Ray CPUs) per actor")]
 RangeOpt = Annotated[float, typer.Option(help="--engine ray: seconds of audio per work item of a long file")]
@@ -69,7 +70,7 @@ def run_ray_command(bundle: Path, audio: list[Path], out: Path, *, window_option
     if plan.skipped:
         note(f"resuming: {len(plan.skipped)} file(s) already done in {output.shards}")
     note(f"{plan.todo} file(s) to do, {plan.audio_seconds / 3600:.3f} h of audio in {len(plan.ranges)} range(s); "
-         f"{workers} worker(s) x {threads_per_worker} thread(s) on {address or 'a local Ray'}")
+         f"{workers} worker(s) x {threads_per_worker} thread(s) on {address or 'Ray'}")
     options = RayOptions(address, workers, threads_per_worker, device, variant, window_options["batch_size"])
     with ray_session(address, workers * threads_per_worker):
         done, failed, seconds = _follow(run_on_ray(plan, output, str(bundle), options, window, channel),

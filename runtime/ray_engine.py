@@ -43,7 +43,11 @@ class RayOptions:
 
 @contextmanager
 def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[None]:
-    """Join the cluster at `address`, or start a local Ray; leave an already connected session as it was."""
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local Ray with at least `num_cpus` CPUs.
+
+    A session this process is already connected to is used and left as it was.
+    """
+    address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         yield
         return
@@ -54,7 +58,7 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
     if address:
         ray.init(address=address, **quiet)
     else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **quiet)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus or 1), include_dashboard=False, **quiet)
     try:
         yield
     finally:
