@@ -120,3 +120,16 @@ def test_the_single_process_engine_never_imports_ray():
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--engine", "ray", "-o", "out.npz"), "writes a folder of Parquet shards; pass -o FOLDER"),
+    (("--engine", "spark", "-o", "out"), "unknown engine 'spark'; choose single or ray"),
+])
+def test_engine_options_are_checked_before_anything_starts(tiny_eat_bundle, birds_wav, args, message):
+    from typer.testing import CliRunner
+
+    from edgeenc.cli import app
+
+    result = CliRunner().invoke(app, ["embed", str(tiny_eat_bundle[0]), str(birds_wav), *args])
+    assert result.exit_code == 2 and message in result.stderr
