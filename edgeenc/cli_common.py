@@ -117,10 +117,10 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, trt, cuda or cpu")]
 BatchOpt = Annotated[int, typer.Option(help="windows per inference batch")]
 ChannelOpt = Annotated[int | None, typer.Option(help="use this channel (0-based) instead of the mean")]
 ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime")]
-VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. int8dyn, or bf16 with --engine "
+VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. int8dyn, or bf16 with --cpu-engine "
                                                     "openvino (see `edgeenc info`; default: the bundle's timed one)")]
-EngineOpt = Annotated[str | None, typer.Option(help="CPU engine: onnxruntime or openvino (default: the bundle's timed "
-                                                   "CPU default)")]
+CpuEngineOpt = Annotated[str | None, typer.Option(help="CPU engine: onnxruntime or openvino (default: the bundle's "
+                                                      "timed CPU default, see `edgeenc info`)")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="say why every other backend was skipped")]
 
 

@@ -11,8 +11,8 @@ from edgeenc.cli_common import (
     EXIT_SOME_FILES_FAILED,
     BatchOpt,
     ChannelOpt,
+    CpuEngineOpt,
     DeviceOpt,
-    EngineOpt,
     HopOpt,
     LastOpt,
     ThreadsOpt,
@@ -26,6 +26,7 @@ from edgeenc.cli_common import (
     run_files,
     window_options,
 )
+from edgeenc.cli_ray import AddressOpt, EngineOpt, RangeOpt, ThreadsPerWorkerOpt, WorkersOpt, on_ray
 
 
 def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
@@ -123,16 +124,24 @@ def embed(
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
-    engine: EngineOpt = None,
+    cpu_engine: CpuEngineOpt = None,
     verbose: VerboseOpt = False,
+    engine: EngineOpt = "single",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    threads_per_worker: ThreadsPerWorkerOpt = 1,
+    range_seconds: RangeOpt = 600.0,
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
 
     from edgeenc.runtime.writers import WriterError, write_embeddings
 
+    if on_ray(engine, bundle, audio, out, window_options(window, hop, last, batch, channel), device, variant,
+              address, workers, threads_per_worker, range_seconds, verbose):
+        return
     files = audio_files(audio)
-    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=engine)
+    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=cpu_engine)
     results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
     dim = encoder.embedding_dim
     try:
@@ -165,15 +174,24 @@ def classify(
     channel: ChannelOpt = None,
     threads: ThreadsOpt = None,
     variant: VariantOpt = None,
-    engine: EngineOpt = None,
+    cpu_engine: CpuEngineOpt = None,
     verbose: VerboseOpt = False,
+    engine: EngineOpt = "single",
+    address: AddressOpt = None,
+    workers: WorkersOpt = 1,
+    threads_per_worker: ThreadsPerWorkerOpt = 1,
+    range_seconds: RangeOpt = 600.0,
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
     from edgeenc.runtime.writers import WriterError, write_classifications
 
+    if on_ray(engine, bundle, audio, out, window_options(window, hop, last, batch, channel), device, variant,
+              address, workers, threads_per_worker, range_seconds, verbose,
+              classify={"top_k": top_k, "threshold": threshold, "activation": activation}):
+        return
     files = audio_files(audio)
-    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=engine)
+    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=cpu_engine)
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import EXIT_LOCKED, EXIT_SOME_FILES_FAILED, EngineOpt, VariantOpt, err, note, open_encoder
+from edgeenc.cli_common import EXIT_LOCKED, EXIT_SOME_FILES_FAILED, CpuEngineOpt, VariantOpt, err, note, open_encoder
 
 
 def watch(
@@ -24,7 +24,7 @@ def watch(
     threads: int | None = typer.Option(None, help="CPU threads for ONNX Runtime"),
     quiet: bool = typer.Option(False, "--quiet", help="log only failures"),
     variant: VariantOpt = None,
-    engine: EngineOpt = None,
+    cpu_engine: CpuEngineOpt = None,
 ) -> None:
     """Process every recording that lands in INBOX exactly once, into a crash-safe SQLite file."""
     from edgeenc.runtime.store import StoreError, StoreLocked
@@ -34,7 +34,7 @@ def watch(
     if not inbox.is_dir():
         err(f"{inbox}: inbox is not a folder")
         raise typer.Exit(2)
-    encoder = open_encoder(bundle, device, threads, variant, engine=engine)
+    encoder = open_encoder(bundle, device, threads, variant, engine=cpu_engine)
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     logging.getLogger("edgeenc.runtime.watch").setLevel(logging.WARNING)  # events are printed below instead

@@ -36,7 +36,9 @@ _SHORT_CHUNK = re.compile(r"^\s*(data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", 
 # not wrong, so the file is read as far as it goes.
 _UNKNOWN_SIZE = 0xFFFFFFFF
 # Without a Xing/LAME tag the MP3 frame count is libmpg123's estimate from the file size.
-_MP3_LENGTH_TOLERANCE = 0.02
+MP3_LENGTH_TOLERANCE = 0.02
+# soxr HQ's filters span well under 0.1 s: one second of audio before a range settles them.
+_RANGE_MARGIN_SECONDS = 1
 
 
 class AudioError(Exception):
@@ -139,18 +141,29 @@ def iter_blocks(
     channel: int | None = None,
     block_seconds: float = 30.0,
     quality: str = "HQ",
+    start: int = 0,
+    stop: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield contiguous float32 mono blocks of the file at ``target_rate`` Hz.
 
     Multichannel audio is averaged over channels unless ``channel`` (0-based) picks one. The
     blocks joined end to end equal ``soxr.resample`` of the whole file. Memory is bounded by
     ``block_seconds`` of audio, whatever the length of the file.
+
+    ``start`` and ``stop`` (output samples at ``target_rate``) limit the blocks to that range, so
+    that workers can share one long file. Decoding seeks instead of reading from the beginning;
+    when the file must be resampled it starts on a whole second at least ``_RANGE_MARGIN_SECONDS``
+    before ``start``, so the resampler has the whole file's phase and a settled filter there: the
+    samples equal the whole file's to float rounding (~1e-7). The end-of-file checks (truncation)
+    apply when the range runs to the end.
     """
     p = os.fspath(path)
     if int(target_rate) != target_rate or target_rate <= 0:
         raise ValueError(f"target_rate must be a positive integer number of Hz, got {target_rate!r}")
     if not block_seconds > 0:
         raise ValueError(f"block_seconds must be positive, got {block_seconds!r}")
+    if start < 0 or (stop is not None and stop < start):
+        raise ValueError(f"sample range [{start}, {stop}) is not a range")
     target_rate = int(target_rate)
 
     with _open(p) as f:
@@ -165,9 +178,17 @@ def iter_blocks(
         stream = None
         if in_rate != target_rate:
             stream = soxr.ResampleStream(in_rate, target_rate, 1, dtype="float32", quality=quality)
+            second = max(0, start // target_rate - _RANGE_MARGIN_SECONDS)
+            read, origin = second * in_rate, second * target_rate
+        else:
+            read, origin = start, start
+        if read:
+            if read >= expected:
+                raise AudioError(p, f"sample {start} at {target_rate} Hz is past the end of the file")
+            f.seek(read)
+        clip = _RangeClip(origin, start, stop)
 
-        read = 0
-        while True:
+        while not clip.finished:
             try:
                 block = f.read(block_frames, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as e:
@@ -180,10 +201,13 @@ def iter_blocks(
             _check_finite(p, mono, read, in_rate)
             read += len(mono)
             out = mono if stream is None else stream.resample_chunk(mono, last=False)
+            out = clip(out)
             if len(out):
                 yield out
+        if clip.finished:
+            return
 
-        tolerance = _MP3_LENGTH_TOLERANCE * expected if str(f.format) == "MP3" else 0
+        tolerance = MP3_LENGTH_TOLERANCE * expected if str(f.format) == "MP3" else 0
         if read < expected - tolerance:
             raise AudioError(
                 p,
@@ -191,9 +215,27 @@ def iter_blocks(
                 f"(the header promises {expected / in_rate:.3f} s)",
             )
         if stream is not None:
-            tail = stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+            tail = clip(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
             if len(tail):
                 yield np.ascontiguousarray(tail, dtype=np.float32)
+
+
+class _RangeClip:
+    """Cuts consecutive output blocks, the first at sample ``origin``, to ``[start, stop)``."""
+
+    def __init__(self, origin: int, start: int, stop: int | None) -> None:
+        self.position, self.start, self.stop = origin, start, stop
+
+    @property
+    def finished(self) -> bool:
+        return self.stop is not None and self.position >= self.stop
+
+    def __call__(self, block: np.ndarray) -> np.ndarray:
+        first = self.position
+        self.position += len(block)
+        low = max(self.start - first, 0)
+        high = len(block) if self.stop is None else min(len(block), self.stop - first)
+        return block[low:high] if high > low else block[:0]
 
 
 def load(

@@ -257,6 +257,21 @@ class Encoder:
         sources = ((str(p), iter_blocks(p, self.sample_rate, channel=channel)) for p in paths)
         yield from self._run_files(sources, window_seconds, hop_seconds, last, batch_size)
 
+    def embed_streams(
+        self,
+        streams: Iterable[tuple[str, Iterable[np.ndarray]]],
+        *,
+        window_seconds: float | None = None,
+        hop_seconds: float | None = None,
+        last: str = "short",
+        batch_size: int = 8,
+    ) -> Iterator[FileOutcome]:
+        """`embed_files` over (name, mono blocks at the model's rate) pairs, such as ranges of long files.
+
+        Times are relative to each stream's first sample; an AudioError from a stream fails only that one.
+        """
+        yield from self._run_files(streams, window_seconds, hop_seconds, last, batch_size)
+
     def _run_files(self, sources, window_seconds, hop_seconds, last, batch_size) -> Iterator[FileOutcome]:
         batcher = WindowBatcher(batch_size)
         pending: list[_Pending] = []

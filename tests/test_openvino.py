@@ -236,8 +236,8 @@ def test_cli_engine_and_variant(optimized, birds_wav, tmp_path):
     from edgeenc.cli import app
 
     bundle = optimized[0]
-    for args, expected in ((["--engine", "openvino", "--variant", "fp32"], "openvino"),
-                           (["--engine", "onnxruntime"], "onnxruntime")):
+    for args, expected in ((["--cpu-engine", "openvino", "--variant", "fp32"], "openvino"),
+                           (["--cpu-engine", "onnxruntime"], "onnxruntime")):
         out = tmp_path / f"{expected}.npz"
         result = CliRunner().invoke(app, ["embed", str(bundle), str(birds_wav), "-o", str(out), "--device", "cpu",
                                           "--threads", "2", *args])
@@ -245,5 +245,5 @@ def test_cli_engine_and_variant(optimized, birds_wav, tmp_path):
         assert f"running on cpu: {expected}" in result.output
         assert np.load(out)["embeddings"].shape[1] == 64
     result = CliRunner().invoke(app, ["embed", str(bundle), str(birds_wav), "-o", str(tmp_path / "x.npz"),
-                                      "--engine", "tflite"])
+                                      "--cpu-engine", "tflite"])
     assert result.exit_code == 2 and "unknown engine 'tflite'" in result.output

@@ -1,0 +1,274 @@
+"""Archive runs spread over many workers: the plan (files cut into window ranges) and the output folder.
+
+Nothing here imports an engine: `runtime/ray_engine.py` runs a plan on Ray Data; this module decides what
+is to run and keeps the output exactly-once at the file level.
+
+Output folder
+-------------
+``OUT_DIR/shards/part-*.parquet``: whole files only. Columns ``file``, ``start``, ``end`` and
+``embedding`` (fixed-size list of float32), and for classify ``labels`` and ``scores`` (the top-k of
+each window). Schema metadata: the encoder's metadata (model_id, checkpoint_sha256, ...), the
+``bundle_sha256``, the run's window options, and ``edgeenc_files``, a JSON list of
+``[path, size, mtime_ns]`` of the files the shard holds. ``pandas.read_parquet(OUT_DIR / "shards")``
+reads them all (the temporaries of an interrupted write start with a dot, which readers skip).
+
+``OUT_DIR/failures.parquet``: ``path``, ``error`` of every file that failed in the latest run.
+
+A shard is written (atomically) only once every range of each of its files is embedded, so a killed
+run leaves complete files only; a rerun reads the shards' footers, skips every file whose path, size
+and mtime are listed there, and redoes the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .audio import AUDIO_SUFFIXES, MP3_LENGTH_TOLERANCE, AudioError, AudioInfo, probe
+from .encoder import EmbeddingResult, scores
+from .windows import iter_windows
+from .writers import atomic_path
+
+# Metadata a shard must share with the run that resumes it; anything else may differ (e.g. the backend).
+_RUN_KEYS = ("model_id", "checkpoint_sha256", "bundle_sha256", "run_options")
+# Headers are read concurrently: on network storage each probe is a round trip.
+_PROBE_THREADS = 16
+
+
+class ArchiveError(Exception):
+    """An output folder that cannot take this run's results."""
+
+
+@dataclass(frozen=True)
+class Recording:
+    path: str  # absolute: what workers read and what resuming matches
+    name: str  # as given (or found in a given folder): the output's `file` column, as single-process embed writes
+    size: int  # -1 when the file cannot be stat'ed (it then fails when probed)
+    mtime_ns: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.path, self.size, self.mtime_ns)
+
+
+@dataclass(frozen=True)
+class Range:
+    """Samples [start, stop) of a file at the model's rate; the final range (stop None) runs to the end."""
+
+    path: str
+    index: int
+    count: int
+    start: int
+    stop: int | None
+
+
+@dataclass
+class ArchivePlan:
+    recordings: list[Recording]
+    skipped: list[Recording]  # complete in the output folder already
+    ranges: list[Range]
+    failures: dict[str, str]  # path -> error, found while planning
+    audio_seconds: float  # of the files to do
+    sample_rate: int
+    run_options: dict = field(default_factory=dict)
+
+    @property
+    def todo(self) -> int:
+        return len(self.recordings) - len(self.skipped) - len(self.failures)
+
+
+def list_recordings(sources: Sequence[str | os.PathLike]) -> list[Recording]:
+    """Files as given and every audio file under the given folders (sorted, recursive, no dot files)."""
+    paths: list[Path] = []
+    for source in map(Path, sources):
+        if source.is_dir():
+            paths.extend(sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+                                and not p.name.startswith(".")))
+        else:
+            paths.append(source)
+    found = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            found.append(Recording(str(path.resolve()), str(path), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            found.append(Recording(str(path.absolute()), str(path), -1, -1))
+    return found
+
+
+def plan_ranges(recording: Recording, info: AudioInfo, sample_rate: int, window_seconds: float,
+                hop_seconds: float | None, range_seconds: float) -> list[Range]:
+    """Cut a file into ranges of about `range_seconds` of whole windows each, so that workers share it.
+
+    Interior ranges hold whole windows only (they are cut with last="drop"); the final range starts on a
+    window of the whole file's grid and runs to the end, so the run's last-window policy applies there
+    exactly as when the whole file is cut at once. Lengths come from the header, which can be a little off
+    (MP3), so the interior ranges stop short of the estimated end by a guard.
+    """
+    # The rounding iter_windows uses, so the ranges fall on its grid.
+    window = int(round(window_seconds * sample_rate))
+    hop = window if hop_seconds is None else int(round(hop_seconds * sample_rate))
+    length = info.frames * sample_rate // info.sample_rate
+    guard = sample_rate + (int(MP3_LENGTH_TOLERANCE * length) if info.format == "MP3" else 0)
+    full_windows = (length - guard - window) // hop + 1 if length - guard >= window else 0
+    per_range = max(1, int(round(range_seconds * sample_rate / hop)))
+    interior = max(0, (full_windows - 1) // per_range)
+    count = interior + 1
+    ranges = [Range(recording.path, j, count, j * per_range * hop, (j * per_range + per_range - 1) * hop + window)
+              for j in range(interior)]
+    ranges.append(Range(recording.path, interior, count, interior * per_range * hop, None))
+    return ranges
+
+
+def plan_archive(recordings: list[Recording], done: set[tuple[str, int, int]], sample_rate: int,
+                 window_seconds: float, hop_seconds: float | None, last: str, range_seconds: float) -> ArchivePlan:
+    """Everything still to do: the files not in `done`, probed and cut into ranges; unreadable ones as failures."""
+    # An invalid window, hop or policy is the run's error, not every file's.
+    list(iter_windows([], sample_rate, window_seconds, hop_seconds, last=last))
+    if range_seconds < window_seconds:
+        raise ValueError(f"range of {range_seconds:g} s is shorter than the {window_seconds:g} s window")
+    skipped = [r for r in recordings if r.key in done]
+    todo = [r for r in recordings if r.key not in done]
+    changed = sorted({r.path for r in todo} & {path for path, _, _ in done})
+    if changed:
+        # Redoing it would leave its old rows in a shard beside the new ones.
+        raise ArchiveError(f"{changed[0]}{f' and {len(changed) - 1} more file(s)' if len(changed) > 1 else ''} "
+                           "changed (size or mtime) since its rows were written to the shards: restore it, or "
+                           "write to another folder (-o)")
+
+    def describe(recording: Recording) -> AudioInfo | str:
+        try:
+            return probe(recording.path)
+        except AudioError as exc:
+            return exc.reason
+
+    with ThreadPoolExecutor(_PROBE_THREADS) as pool:
+        infos = list(pool.map(describe, todo))
+    ranges: list[Range] = []
+    failures: dict[str, str] = {}
+    seconds = 0.0
+    for recording, info in zip(todo, infos):
+        if isinstance(info, str):
+            failures[recording.path] = info
+            continue
+        seconds += info.duration_seconds
+        ranges.extend(plan_ranges(recording, info, sample_rate, window_seconds, hop_seconds, range_seconds))
+    options = {"window_seconds": window_seconds, "hop_seconds": hop_seconds, "last": last}
+    return ArchivePlan(recordings, skipped, ranges, failures, seconds, sample_rate, options)
+
+
+def join_ranges(path: str, parts: list[EmbeddingResult], starts: list[int], sample_rate: int) -> EmbeddingResult:
+    """One file's result from its ranges' (times relative to each range's first sample `starts[i]`)."""
+    def absolute(seconds: np.ndarray, offset: int) -> np.ndarray:
+        # Whole samples, then one division, as iter_windows computes the times of the whole file.
+        return (np.round(seconds * sample_rate).astype(np.int64) + offset) / sample_rate
+
+    logits = [p.logits for p in parts if p.logits is not None]
+    return EmbeddingResult(
+        path,
+        np.concatenate([absolute(p.starts, s) for p, s in zip(parts, starts)]),
+        np.concatenate([absolute(p.ends, s) for p, s in zip(parts, starts)]),
+        np.concatenate([p.embeddings for p in parts]).astype(np.float32),
+        np.concatenate(logits) if len(logits) == len(parts) and logits else None,
+    )
+
+
+@dataclass(frozen=True)
+class TopK:
+    """What classify keeps of each window: the top-k labels and scores."""
+
+    labels: list[str]
+    top_k: int = 5
+    threshold: float | None = None
+    activation: str = "softmax"
+
+
+class ArchiveOutput:
+    """The output folder: complete files in Parquet shards, failures beside them."""
+
+    def __init__(self, folder: str | os.PathLike, metadata: dict[str, str], top_k: TopK | None = None) -> None:
+        self.folder = Path(folder)
+        self.shards = self.folder / "shards"
+        self.failures_path = self.folder / "failures.parquet"
+        self.metadata = dict(metadata)
+        self.top_k = top_k
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ArchiveError(f"{self.folder} is a file; --engine ray writes a folder of Parquet shards")
+
+    def done(self) -> set[tuple[str, int, int]]:
+        """Keys of the files complete in the shards; raises when a shard comes from another bundle or options."""
+        import pyarrow.parquet as pq
+
+        keys: set[tuple[str, int, int]] = set()
+        for shard in sorted(self.shards.glob("part-*.parquet")) if self.shards.is_dir() else []:
+            try:
+                meta = {k.decode(): v.decode() for k, v in (pq.read_schema(shard).metadata or {}).items()}
+                files = json.loads(meta["edgeenc_files"])
+            except (OSError, ValueError, KeyError) as exc:
+                raise ArchiveError(
+                    f"{shard}: not a readable edgeenc shard ({exc}); move it out of {self.shards}") from None
+            for name in _RUN_KEYS:
+                if meta.get(name) != self.metadata.get(name):
+                    raise ArchiveError(
+                        f"{shard} was written with {name} {meta.get(name)}, this run has {self.metadata.get(name)}: "
+                        f"write to another folder (-o) or remove {self.shards}")
+            keys.update((str(p), int(s), int(m)) for p, s, m in files)
+        return keys
+
+    def write_shard(self, files: list[tuple[Recording, EmbeddingResult]]) -> Path:
+        """Write whole files into one new shard, atomically; returns its path."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        results = [r for _, r in files]
+        embeddings = np.concatenate([r.embeddings for r in results]).astype(np.float32)
+        dim = embeddings.shape[1]
+        columns = {
+            "file": pa.array([rec.name for rec, r in files for _ in range(len(r))], pa.string()),
+            "start": pa.array(np.concatenate([r.starts for r in results]), pa.float64()),
+            "end": pa.array(np.concatenate([r.ends for r in results]), pa.float64()),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim),
+        }
+        if self.top_k is not None:
+            columns["labels"], columns["scores"] = self._top_k_columns(results)
+        meta = {**self.metadata, "edgeenc_files": json.dumps([list(rec.key) for rec, _ in files])}
+        table = pa.table(columns).replace_schema_metadata(meta)
+        # Time first so that names sort in the order the shards were written.
+        path = self.shards / f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.parquet"
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+        return path
+
+    def _top_k_columns(self, results: list[EmbeddingResult]):
+        import pyarrow as pa
+
+        spec = self.top_k
+        assert spec is not None
+        labels, top = [], []
+        for result in results:
+            if result.logits is None:
+                raise ValueError("this bundle has no classifier head: use `edgeenc embed` for embeddings")
+            for p in scores(result.logits.astype(np.float64), spec.activation):
+                order = np.argsort(-p, kind="stable")[: max(1, spec.top_k)]
+                if spec.threshold is not None:
+                    order = order[p[order] >= spec.threshold]
+                labels.append([spec.labels[i] for i in order])
+                top.append(p[order].astype(np.float32))
+        return pa.array(labels, pa.list_(pa.string())), pa.array(top, pa.list_(pa.float32()))
+
+    def write_failures(self, failures: dict[str, str]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.table({"path": pa.array(list(failures), pa.string()),
+                          "error": pa.array(list(failures.values()), pa.string())})
+        with atomic_path(self.failures_path) as tmp:
+            pq.write_table(table.replace_schema_metadata(self.metadata), tmp)
