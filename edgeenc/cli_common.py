@@ -128,3 +128,26 @@ def window_options(window, hop, last, batch, channel) -> dict:
     return {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
 
 
+
+
+def recorder_logging(quiet: bool, events_logger: str) -> None:
+    """Timestamped log lines on stderr for the long-running recorder commands (watch, listen)."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger(events_logger).setLevel(logging.WARNING)  # the command prints these events itself
+
+
+def open_results_store(opener):
+    """The SQLite results store `opener()` returns; a locked one exits EXIT_LOCKED, a bad one 2."""
+    from edgeenc.runtime.store import StoreError, StoreLocked
+
+    try:
+        return opener()
+    except StoreLocked as exc:
+        err(str(exc))
+        raise typer.Exit(EXIT_LOCKED) from None
+    except StoreError as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import EXIT_LOCKED, err, note, open_encoder
+from edgeenc.cli_common import err, note, open_encoder, open_results_store, recorder_logging
 
 EXIT_SOURCE_FAILED = 6
 
@@ -41,7 +40,7 @@ def listen(
     from edgeenc.runtime.listen import listen as run_listen
     from edgeenc.runtime.live_store import LiveStore
     from edgeenc.runtime.sources import SourceError, open_source
-    from edgeenc.runtime.store import StoreError, StoreLocked, bundle_identity
+    from edgeenc.runtime.store import bundle_identity
     from edgeenc.runtime.windows import LAST_POLICIES
 
     if last not in LAST_POLICIES:
@@ -54,24 +53,19 @@ def listen(
     if save_clips is not None and "logits" not in encoder.output_names:
         err(f"--save-clips needs a model with a classifier; {encoder.manifest.get('model_id')} has none")
         raise typer.Exit(2)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    logging.getLogger("edgeenc.runtime.listen").setLevel(logging.WARNING)  # events are printed below instead
+    recorder_logging(quiet, "edgeenc.runtime.listen")
     try:
         live = open_source(source, model_rate=encoder.sample_rate, stdin=sys.stdin.buffer, fmt=pcm_format,
                            rate=rate, channels=channels, ffmpeg=ffmpeg)
     except SourceError as exc:
         err(str(exc))
         raise typer.Exit(2) from None
-    try:
+
+    def open_live_store() -> LiveStore:
         model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
-        store = LiveStore.open(db, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim)
-    except StoreLocked as exc:
-        err(str(exc))
-        raise typer.Exit(EXIT_LOCKED) from None
-    except StoreError as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
+        return LiveStore.open(db, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim)
+
+    store = open_results_store(open_live_store)
 
     def on_event(kind: str, detail: str) -> None:
         if kind == "dropped":

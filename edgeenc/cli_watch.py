@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-import sys
 from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import EXIT_LOCKED, EXIT_SOME_FILES_FAILED, CpuEngineOpt, VariantOpt, err, note, open_encoder
+from edgeenc.cli_common import (
+    EXIT_SOME_FILES_FAILED,
+    CpuEngineOpt,
+    VariantOpt,
+    err,
+    note,
+    open_encoder,
+    open_results_store,
+    recorder_logging,
+)
 
 
 def watch(
@@ -27,7 +34,6 @@ def watch(
     cpu_engine: CpuEngineOpt = None,
 ) -> None:
     """Process every recording that lands in INBOX exactly once, into a crash-safe SQLite file."""
-    from edgeenc.runtime.store import StoreError, StoreLocked
     from edgeenc.runtime.watch import store_for
     from edgeenc.runtime.watch import watch as run_watch
 
@@ -35,17 +41,8 @@ def watch(
         err(f"{inbox}: inbox is not a folder")
         raise typer.Exit(2)
     encoder = open_encoder(bundle, device, threads, variant, engine=cpu_engine)
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    logging.getLogger("edgeenc.runtime.watch").setLevel(logging.WARNING)  # events are printed below instead
-    try:
-        store = store_for(db, encoder)
-    except StoreLocked as exc:
-        err(str(exc))
-        raise typer.Exit(EXIT_LOCKED) from None
-    except StoreError as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
+    recorder_logging(quiet, "edgeenc.runtime.watch")
+    store = open_results_store(lambda: store_for(db, encoder))
 
     def on_event(kind: str, path: str, detail: str) -> None:
         if kind == "failed":
