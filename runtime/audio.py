@@ -20,6 +20,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -64,15 +65,20 @@ class AudioInfo:
     subtype: str
 
 
-def _open(path: str) -> sf.SoundFile:
-    if not os.path.exists(path):
-        raise AudioError(path, "file does not exist")
-    if os.path.isdir(path):
-        raise AudioError(path, "is a directory, not an audio file")
-    if os.path.getsize(path) == 0:
+def _open(path: str, file: BinaryIO | None = None) -> sf.SoundFile:
+    if file is None:
+        if not os.path.exists(path):
+            raise AudioError(path, "file does not exist")
+        if os.path.isdir(path):
+            raise AudioError(path, "is a directory, not an audio file")
+        empty = os.path.getsize(path) == 0
+    else:
+        empty = file.seek(0, os.SEEK_END) == 0
+        file.seek(0)
+    if empty:
         raise AudioError(path, "file is empty (0 bytes); it contains no audio samples")
     try:
-        f = sf.SoundFile(path)
+        f = sf.SoundFile(path if file is None else file)
     except sf.LibsndfileError as e:
         raise AudioError(path, f"libsndfile cannot read it: {e.error_string}") from e
     except OSError as e:
@@ -102,10 +108,14 @@ def _header_says_truncated(f: sf.SoundFile) -> str:
     return ""
 
 
-def probe(path: str | os.PathLike[str]) -> AudioInfo:
-    """Describe an audio file without decoding it; raise :class:`AudioError` if it is unusable."""
+def probe(path: str | os.PathLike[str], *, file: BinaryIO | None = None) -> AudioInfo:
+    """Describe an audio file without decoding it; raise :class:`AudioError` if it is unusable.
+
+    ``file``: an open seekable binary file to read instead of opening ``path``, which then only names
+    it (e.g. a URL opened through pyarrow's filesystems, runtime/urls.py).
+    """
     p = os.fspath(path)
-    with _open(p) as f:
+    with _open(p, file) as f:
         return AudioInfo(
             path=p,
             sample_rate=int(f.samplerate),
@@ -143,6 +153,7 @@ def iter_blocks(
     quality: str = "HQ",
     start: int = 0,
     stop: int | None = None,
+    file: BinaryIO | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield contiguous float32 mono blocks of the file at ``target_rate`` Hz.
 
@@ -156,6 +167,9 @@ def iter_blocks(
     before ``start``, so the resampler has the whole file's phase and a settled filter there: the
     samples equal the whole file's to float rounding (~1e-7). The end-of-file checks (truncation)
     apply when the range runs to the end.
+
+    ``file``: an open seekable binary file to decode instead of opening ``path``, which then only
+    names it in errors, as in :func:`probe`.
     """
     p = os.fspath(path)
     if int(target_rate) != target_rate or target_rate <= 0:
@@ -166,7 +180,7 @@ def iter_blocks(
         raise ValueError(f"sample range [{start}, {stop}) is not a range")
     target_rate = int(target_rate)
 
-    with _open(p) as f:
+    with _open(p, file) as f:
         in_rate, channels, expected = int(f.samplerate), int(f.channels), int(f.frames)
         if channel is not None and not 0 <= channel < channels:
             raise AudioError(
