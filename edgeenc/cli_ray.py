@@ -26,7 +26,7 @@ ThreadsPerWorkerOpt = Annotated[int, typer.Option(help="--engine ray: ONNX Runti
 RangeOpt = Annotated[float, typer.Option(help="--engine ray: seconds of audio per work item of a long file")]
 
 
-def run_ray_command(bundle: Path, audio: list[Path], out: Path, *, window_options: dict, channel: int | None,
+def run_ray_command(bundle: Path, audio: list[str], out: Path, *, window_options: dict, channel: int | None,
                     device: str, variant: str | None, address: str | None, workers: int, threads_per_worker: int,
                     range_seconds: float, verbose: bool = False, classify: dict | None = None) -> None:
     """Embed (or, with `classify` = top_k/threshold/activation, classify) AUDIO into the folder OUT on Ray."""
@@ -42,6 +42,7 @@ def run_ray_command(bundle: Path, audio: list[Path], out: Path, *, window_option
         err(f'--engine ray needs Ray Data ({exc}): pip install "edgeenc[ray]"')
         raise typer.Exit(2) from None
     from edgeenc.runtime.archive import ArchiveError, ArchiveOutput, TopK, list_recordings, plan_archive
+    from edgeenc.runtime.audio import AudioError
     from edgeenc.runtime.store import bundle_identity
 
     # On the driver only to check the bundle, variant and head before any worker starts: CPU is enough.
@@ -49,7 +50,11 @@ def run_ray_command(bundle: Path, audio: list[Path], out: Path, *, window_option
     if classify is not None and "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
         raise typer.Exit(2)
-    recordings = list_recordings(audio)
+    try:
+        recordings = list_recordings(audio)
+    except AudioError as exc:
+        err(str(exc))
+        raise typer.Exit(2) from None
     if not recordings:
         err("no audio files found in " + ", ".join(map(str, audio)))
         raise typer.Exit(2)
@@ -108,12 +113,18 @@ def _follow(outcomes, files: int, total_seconds: float, started: float) -> tuple
     return done, failed, seconds
 
 
-def on_ray(engine: str, bundle: Path, audio: list[Path], out: Path, options: dict, device: str, variant: str | None,
+def on_ray(engine: str, bundle: Path, audio: list[str], out: Path, options: dict, device: str, variant: str | None,
            address: str | None, workers: int, threads_per_worker: int, range_seconds: float, verbose: bool,
            classify: dict | None = None) -> bool:
     """Run the command on Ray when --engine ray asks for it; False for the single-process engine."""
     if engine not in ENGINES:
         err(f"unknown engine {engine!r}; choose {' or '.join(ENGINES)}")
+        raise typer.Exit(2)
+    from edgeenc.runtime.urls import is_url
+
+    urls = [a for a in audio if is_url(a)]
+    if engine != "ray" and urls:
+        err(f"{urls[0]}: URLs are read by --engine ray only; mount the storage to give a local path")
         raise typer.Exit(2)
     if engine == "ray":
         options = dict(options)

@@ -114,7 +114,8 @@ def finish_summary(done: int, failed: int, out: Path, parts) -> None:
 
 def embed(
     bundle: Path = typer.Argument(..., help="a bundle folder"),
-    audio: list[Path] = typer.Argument(..., help="audio files or folders (walked recursively)"),
+    audio: list[str] = typer.Argument(..., help="audio files or folders (walked recursively); --engine ray also "
+                                                "takes URLs such as s3://bucket/prefix"),
     out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
     window: WindowOpt = None,
     hop: HopOpt = None,
@@ -140,7 +141,7 @@ def embed(
     if on_ray(engine, bundle, audio, out, window_options(window, hop, last, batch, channel), device, variant,
               address, workers, threads_per_worker, range_seconds, verbose):
         return
-    files = audio_files(audio)
+    files = audio_files(list(map(Path, audio)))
     encoder = open_encoder(bundle, device, threads, variant, verbose, engine=cpu_engine)
     results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
     dim = encoder.embedding_dim
@@ -161,7 +162,8 @@ def embed(
 
 def classify(
     bundle: Path = typer.Argument(..., help="a bundle folder of a model with a classifier"),
-    audio: list[Path] = typer.Argument(..., help="audio files or folders (walked recursively)"),
+    audio: list[str] = typer.Argument(..., help="audio files or folders (walked recursively); --engine ray also "
+                                                "takes URLs such as s3://bucket/prefix"),
     out: Path = typer.Option(Path("detections.csv"), "-o", "--out", help=".csv table or .txt Raven selection table"),
     top_k: int = typer.Option(5, "--top-k", help="labels per window"),
     threshold: float | None = typer.Option(None, help="keep only scores >= this"),
@@ -190,7 +192,7 @@ def classify(
               address, workers, threads_per_worker, range_seconds, verbose,
               classify={"top_k": top_k, "threshold": threshold, "activation": activation}):
         return
-    files = audio_files(audio)
+    files = audio_files(list(map(Path, audio)))
     encoder = open_encoder(bundle, device, threads, variant, verbose, engine=cpu_engine)
     if "logits" not in encoder.output_names:
         err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import AUDIO_SUFFIXES, MP3_LENGTH_TOLERANCE, AudioError, AudioInfo, probe
+from .audio import AUDIO_SUFFIXES, MP3_LENGTH_TOLERANCE, AudioError, AudioInfo
 from .encoder import EmbeddingResult, scores
+from .urls import is_url, list_url, probe_source
 from .windows import iter_windows
 from .writers import atomic_path
 
@@ -49,7 +50,7 @@ class ArchiveError(Exception):
 
 @dataclass(frozen=True)
 class Recording:
-    path: str  # absolute: what workers read and what resuming matches
+    path: str  # absolute (or the URL): what workers read and what resuming matches
     name: str  # as given (or found in a given folder): the output's `file` column, as single-process embed writes
     size: int  # -1 when the file cannot be stat'ed (it then fails when probed)
     mtime_ns: int
@@ -86,21 +87,28 @@ class ArchivePlan:
 
 
 def list_recordings(sources: Sequence[str | os.PathLike]) -> list[Recording]:
-    """Files as given and every audio file under the given folders (sorted, recursive, no dot files)."""
-    paths: list[Path] = []
-    for source in map(Path, sources):
-        if source.is_dir():
-            paths.extend(sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
-                                and not p.name.startswith(".")))
-        else:
-            paths.append(source)
+    """Files as given and every audio file under the given folders (sorted, recursive, no dot files).
+
+    A source with "://" is a URL that pyarrow's filesystems read (runtime/urls.py): it is listed there and
+    its files are named by URL; raises :class:`AudioError` naming it when there is nothing at it.
+    """
     found = []
-    for path in paths:
-        try:
-            stat = path.stat()
-            found.append(Recording(str(path.resolve()), str(path), stat.st_size, stat.st_mtime_ns))
-        except OSError:
-            found.append(Recording(str(path.absolute()), str(path), -1, -1))
+    for source in sources:
+        if is_url(source):
+            found.extend(Recording(url, url, size, mtime) for url, size, mtime in list_url(os.fspath(source)))
+            continue
+        local = Path(source)
+        if local.is_dir():
+            paths = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
+                           and not p.name.startswith("."))
+        else:
+            paths = [local]
+        for path in paths:
+            try:
+                stat = path.stat()
+                found.append(Recording(str(path.resolve()), str(path), stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                found.append(Recording(str(path.absolute()), str(path), -1, -1))
     return found
 
 
@@ -146,7 +154,7 @@ def plan_archive(recordings: list[Recording], done: set[tuple[str, int, int]], s
 
     def describe(recording: Recording) -> AudioInfo | str:
         try:
-            return probe(recording.path)
+            return probe_source(recording.path)
         except AudioError as exc:
             return exc.reason
 

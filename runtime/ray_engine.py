@@ -23,8 +23,8 @@ import ray
 import ray.data
 
 from .archive import ArchiveOutput, ArchivePlan, Recording, join_ranges
-from .audio import iter_blocks
 from .encoder import EmbeddingResult, Encoder, FileOutcome
+from .urls import iter_source_blocks
 
 GPU_DEVICES = ("cuda", "trt")
 
@@ -75,8 +75,8 @@ class EncoderActor:
         self.channel = channel
 
     def _blocks(self, path: str, start: int, stop: int | None):
-        return iter_blocks(path, self.encoder.sample_rate, channel=self.channel, start=start,
-                           stop=None if stop < 0 else stop)
+        return iter_source_blocks(path, self.encoder.sample_rate, channel=self.channel, start=start,
+                                  stop=None if stop < 0 else stop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -133,3 +134,71 @@ def test_engine_options_are_checked_before_anything_starts(tiny_eat_bundle, bird
 
     result = CliRunner().invoke(app, ["embed", str(tiny_eat_bundle[0]), str(birds_wav), *args])
     assert result.exit_code == 2 and message in result.stderr
+
+
+def _url_folder(tmp_path):
+    """A folder of recordings beside what a walk leaves out (dot files, other suffixes)."""
+    rng = np.random.default_rng(3)
+    (tmp_path / "sub").mkdir()
+    sf.write(tmp_path / "a.wav", rng.standard_normal(44100 * 3).astype(np.float32) * 0.1, 44100)
+    sf.write(tmp_path / "sub" / "b.flac", rng.standard_normal(16000 * 2).astype(np.float32) * 0.1, 16000)
+    (tmp_path / "._a.wav").write_bytes(b"resource fork")
+    (tmp_path / "notes.txt").write_text("not audio")
+    return tmp_path
+
+
+def test_a_folder_url_is_walked_as_the_local_folder_is(tmp_path):
+    folder = _url_folder(tmp_path)
+    local = list_recordings([folder])
+    urls = list_recordings([folder.as_uri()])
+    assert [r.name for r in urls] == [p.resolve().as_uri() for p in (folder / "a.wav", folder / "sub" / "b.flac")]
+    assert [r.path for r in urls] == [r.name for r in urls]  # the URL is what workers open and resuming matches
+    assert [(r.size, r.mtime_ns) for r in urls] == [(r.size, r.mtime_ns) for r in local]
+    assert list_recordings([(folder / "a.wav").as_uri()]) == urls[:1]
+    # Resuming matches URLs by size and mtime, as paths.
+    plan = plan_archive(urls, {urls[0].key}, 16000, 1.0, None, "short", 10.0)
+    assert plan.skipped == urls[:1] and {r.path for r in plan.ranges} == {urls[1].path}
+
+
+@pytest.mark.parametrize("url, reason", [("missing/", "no such file or folder"),
+                                         ("zz://bucket/x", "pyarrow cannot open this URL")])
+def test_a_url_with_nothing_at_it_is_an_error_naming_it(tmp_path, url, reason):
+    from edgeenc.runtime.audio import AudioError
+
+    url = (tmp_path / url).as_uri() if "://" not in url else url
+    with pytest.raises(AudioError, match=reason) as caught:
+        list_recordings([url])
+    assert caught.value.path == url
+
+
+def test_a_url_decodes_as_its_local_file_does(tmp_path):
+    from edgeenc.runtime.audio import AudioError, probe
+    from edgeenc.runtime.urls import iter_source_blocks, probe_source
+
+    path = _url_folder(tmp_path) / "a.wav"
+    url = path.as_uri()
+    assert probe_source(url) == dataclasses.replace(probe(path), path=url)
+    for start, stop in ((0, None), (20000, 35000), (30000, None)):
+        np.testing.assert_array_equal(np.concatenate(list(iter_source_blocks(url, 16000, start=start, stop=stop))),
+                                      np.concatenate(list(iter_blocks(path, 16000, start=start, stop=stop))))
+    (tmp_path / "corrupt.wav").write_bytes(np.random.default_rng(0).bytes(3000))
+    (tmp_path / "empty.wav").write_bytes(b"")
+    for name, reason in (("corrupt.wav", "libsndfile cannot read it"), ("empty.wav", "file is empty")):
+        with pytest.raises(AudioError, match=reason) as caught:
+            list(iter_source_blocks((tmp_path / name).as_uri(), 16000))
+        assert str(caught.value).startswith((tmp_path / name).as_uri() + ": ")
+
+
+def test_urls_are_refused_by_the_single_process_engine_and_a_missing_one_by_ray(tiny_eat_bundle, tmp_path):
+    from typer.testing import CliRunner
+
+    from edgeenc.cli import app
+
+    url = (tmp_path / "nothing").as_uri()
+    single = CliRunner().invoke(app, ["embed", str(tiny_eat_bundle[0]), url, "-o", str(tmp_path / "e.npz")])
+    assert single.exit_code == 2 and f"{url}: URLs are read by --engine ray only" in single.stderr
+    pytest.importorskip("ray")
+    on_ray = CliRunner().invoke(app, ["embed", str(tiny_eat_bundle[0]), url, "-o", str(tmp_path / "out"),
+                                      "--engine", "ray", "--device", "cpu"])
+    assert on_ray.exit_code == 2 and f"{url}: no such file or folder" in on_ray.stderr
+    assert not (tmp_path / "out").exists()

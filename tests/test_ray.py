@@ -169,3 +169,27 @@ def test_a_killed_run_resumes_with_every_file_exactly_once(tiny_eat_bundle, arch
     assert list(zip(rows["file"], rows["start"], rows["end"])) == list(
         zip(single_process["file"], single_process["start"], single_process["end"]))
     np.testing.assert_allclose(np.array(rows["embedding"]), np.array(single_process["embedding"]), atol=1e-5, rtol=0)
+
+
+def test_recordings_given_as_urls_give_the_rows_of_their_local_files(tiny_eat_bundle, archive, single_process,
+                                                                     ray_address, tmp_path):
+    # file:// goes through pyarrow's URL code path (FileSystem.from_uri) exactly as s3:// or gs:// would.
+    url = archive.as_uri()
+    out = tmp_path / "out"
+    result = cli(*_ray_args(tiny_eat_bundle[0], url, out, ray_address))
+    assert result.exit_code == EXIT_SOME_FILES_FAILED, result.output
+    assert f"{FILES} file(s) done, 1 failed" in result.stderr
+    rows = _sorted(pq.read_table(out / "shards"))
+    assert all(f.startswith(url + "/") for f in rows["file"])
+    local = [str(archive / f[len(url) + 1:]) for f in rows["file"]]
+    assert list(zip(local, rows["start"], rows["end"])) == list(
+        zip(single_process["file"], single_process["start"], single_process["end"]))
+    np.testing.assert_allclose(np.array(rows["embedding"]), np.array(single_process["embedding"]), atol=1e-5, rtol=0)
+    failures = pq.read_table(out / "failures.parquet").to_pylist()
+    assert [f["path"] for f in failures] == [f"{url}/corrupt.wav"]
+    assert "libsndfile cannot read it" in failures[0]["error"]
+
+    rerun = cli(*_ray_args(tiny_eat_bundle[0], url, out, ray_address))
+    assert rerun.exit_code == EXIT_SOME_FILES_FAILED, rerun.output
+    assert f"resuming: {FILES} file(s) already done" in rerun.stderr
+    assert f"0 file(s) done, 1 failed, {FILES} already done" in rerun.stderr
