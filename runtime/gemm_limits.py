@@ -121,23 +121,42 @@ def ort_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: int | 
     return 2.0 * m * k * n / seconds / 1e9
 
 
-def _ort_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None, weights: str) -> dict:
-    per_shape = {"x".join(map(str, s)): ort_gemm_gflops(s, precision, threads, weights=weights) for s in shapes}
+def openvino_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: int | None, repeats: int = 5) -> float:
+    """GFLOP/s of OpenVINO's CPU plugin on one MatMul with constant weights (as in the model), compiled as the
+    openvino:* variants are: numpy and ONNX Runtime's CPU provider have no bf16 GEMM, so this gives the bf16
+    limit (oneDNN's AVX512_BF16 / AMX kernels) and one more fp32 candidate."""
+    from .openvino_backend import compile_config, import_openvino
+
+    ov = import_openvino()
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = ov.opset13.parameter([m, k], ov.Type.f32, name="a")
+    weights = ov.opset13.constant(rng.standard_normal((k, n)).astype(np.float32))
+    model = ov.Model([ov.opset13.matmul(a, weights, False, False)], [a], "gemm_limit")
+    request = ov.Core().compile_model(model, "CPU", compile_config(precision, threads)).create_infer_request()
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    seconds = _best_seconds(lambda: request.infer({0: x}), repeats)
+    return 2.0 * m * k * n / seconds / 1e9
+
+
+def _best_over(shapes: list[tuple[int, int, int]], gflops_of) -> dict:
+    per_shape = {"x".join(map(str, s)): gflops_of(s) for s in shapes}
     best = max(per_shape, key=per_shape.get)
     return {"gflops": per_shape[best], "best_shape": best, "per_shape": per_shape}
+
+
+def _ort_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None, weights: str) -> dict:
+    return _best_over(shapes, lambda s: ort_gemm_gflops(s, precision, threads, weights=weights))
 
 
 def _openvino_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None) -> dict | None:
     """The best OpenVINO MatMul rate over `shapes` at `precision`, or None where OpenVINO is not installed."""
     from .backend_protocol import BackendUnavailable
-    from .openvino_backend import matmul_gflops
 
     try:
-        per_shape = {"x".join(map(str, s)): matmul_gflops(threads, precision, s) for s in shapes}
+        return _best_over(shapes, lambda s: openvino_gemm_gflops(s, precision, threads))
     except BackendUnavailable:
         return None
-    best = max(per_shape, key=per_shape.get)
-    return {"gflops": per_shape[best], "best_shape": best, "per_shape": per_shape}
 
 
 def probe_shapes(gemm_shapes: list[dict]) -> list[tuple[int, int, int]]:

@@ -26,6 +26,14 @@ def import_openvino():
     return openvino
 
 
+def compile_config(precision: str, threads: int | None) -> dict:
+    """The CPU plugin settings every edgeenc OpenVINO model is compiled with (variants and the GEMM limit)."""
+    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return config
+
+
 def openvino_version() -> str | None:
     """The installed OpenVINO's version, or None (without importing it when it is absent)."""
     from importlib import metadata
@@ -47,10 +55,7 @@ class OpenVinoBackend:
             raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         ov = import_openvino()
         core = ov.Core()
-        config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
-        if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
-        self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", compile_config(precision, threads))
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         wanted = PRECISIONS[precision]
         if got != wanted:  # OpenVINO falls back to f32 silently where the CPU has no bf16
@@ -71,33 +76,3 @@ class OpenVinoBackend:
         self.request = None
         self.compiled = None
 
-
-def matmul_gflops(threads: int | None, precision: str = "bf16", shape: tuple[int, int, int] = (2048, 2048, 2048),
-                  repeats: int = 5) -> float:
-    """GFLOP/s of OpenVINO's CPU plugin on one [m, k] x [k, n] MatMul with constant weights (as in the model),
-    compiled with the same precision hint as the variants; best of `repeats` runs after a warm-up.
-
-    numpy and ONNX Runtime's CPU provider have no bf16 GEMM, so this gives the bf16 limit (oneDNN's
-    AVX512_BF16 / AMX kernels) and one more fp32 candidate (runtime/gemm_limits.py).
-    """
-    import time
-
-    ov = import_openvino()
-    m, k, n = shape
-    rng = np.random.default_rng(0)
-    a = ov.opset13.parameter([m, k], ov.Type.f32, name="a")
-    weights = ov.opset13.constant(rng.standard_normal((k, n)).astype(np.float32))
-    model = ov.Model([ov.opset13.matmul(a, weights, False, False)], [a], "gemm_limit")
-    config = {"INFERENCE_PRECISION_HINT": PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
-    if threads:
-        config["INFERENCE_NUM_THREADS"] = int(threads)
-    request = ov.Core().compile_model(model, "CPU", config).create_infer_request()
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    request.infer({0: x})
-    best, total, count = float("inf"), 0.0, 0
-    while count < repeats or (total < 0.05 and count < 200):  # more runs for tiny shapes (timer noise)
-        start = time.perf_counter()
-        request.infer({0: x})
-        elapsed = time.perf_counter() - start
-        best, total, count = min(best, elapsed), total + elapsed, count + 1
-    return 2.0 * m * k * n / best / 1e9
