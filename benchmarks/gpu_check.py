@@ -85,7 +85,7 @@ class Check:
         return entry if entry["status"] == "ok" else None
 
     def save(self) -> None:
-        from edgeenc.runtime.writers import atomic_text
+        from edgeenc.runtime.atomic import atomic_text
 
         self.data["total_seconds"] = round(time.time() - self.started, 2)
         with atomic_text(self.out) as fh:
@@ -97,7 +97,7 @@ def environment() -> dict:
     import onnxruntime
     import torch
 
-    from edgeenc.runtime import tensorrt_backend as trt_rt
+    from edgeenc.runtime.backends import tensorrt_backend as trt_rt
 
     info = {"python": platform.python_version(), "machine": platform.machine(), "torch": torch.__version__,
             "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
@@ -215,8 +215,8 @@ def torch_fp16_gate(size: str, device_type: str) -> dict:
 
     cases = parity.parity_cases("beats", loaded.spec.sample_rate)
     references = {case.name: run(case.audio, fp16=False) for case in cases}
-    report = parity.run_reduced_gate(f"torch-{device_type}-fp16", lambda a: run(a, fp16=True), references, cases,
-                                     token_cosine=parity.FP16_TOKEN_COSINE)
+    report = parity.compare(f"torch-{device_type}-fp16", lambda a: run(a, fp16=True), references, cases, names,
+                            token_cosine=parity.FP16_TOKEN_COSINE)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     batch = np.random.default_rng(0).standard_normal(
         (TIMING_BATCH, int(TIMING_SECONDS * loaded.spec.sample_rate))).astype(np.float32) * 0.1
@@ -238,7 +238,7 @@ def torch_fp16_gate(size: str, device_type: str) -> dict:
 
 def cuda_buffers(cudart, nbytes: int = 64 << 20) -> dict:
     """A pinned host buffer -> device -> a second device buffer's host side, through the runtime's own code."""
-    from edgeenc.runtime import tensorrt_backend as trt_rt
+    from edgeenc.runtime.backends import tensorrt_backend as trt_rt
 
     gpu = trt_rt.gpu_identity(cudart)
     kind = cudart.cudaMemcpyKind
@@ -285,7 +285,8 @@ def export(work: Path, size: str) -> dict:
 
 def tensorrt_paths(bundle: Path) -> dict:
     from edgeenc.export import tensorrt as trt_build
-    from edgeenc.runtime import tensorrt_backend as trt_rt
+    from edgeenc.runtime.backends import tensorrt_backend as trt_rt
+    from edgeenc.runtime.bundle import output_names
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     profile = trt_build.compute_profile(manifest, max_batch=2, max_seconds=10)
@@ -295,8 +296,7 @@ def tensorrt_paths(bundle: Path) -> dict:
         results[precision] = {"accepted": built.accepted, "typing": built.data["typing"],
                               "build_seconds": built.data["build_seconds"], "layers": built.data["layers"],
                               "parity": {k: v for k, v in built.data["parity"].items() if k != "report"}}
-    backend = trt_rt.TensorRTBackend.from_bundle(bundle, json.loads((bundle / "manifest.json").read_text()),
-                                                 [o["name"] for o in manifest["outputs"]])
+    backend = trt_rt.TensorRTBackend.from_bundle(bundle, manifest, output_names(manifest))
     audio = np.zeros((2, 160000), np.float32)
     results["backend"] = {"description": backend.description,
                           "median_ms_2x10s": round(_median_ms(lambda: backend.run(audio), lambda: None, 10), 2)}
@@ -306,13 +306,14 @@ def tensorrt_paths(bundle: Path) -> dict:
 
 def ort_cuda(bundle: Path) -> dict:
     from edgeenc.export.parity import parity_cases, rowwise_cosine
-    from edgeenc.runtime.backends import OrtBackend, select_backend
+    from edgeenc.runtime.backends import onnx_cpu_backend, select_backend
+    from edgeenc.runtime.bundle import output_names
 
     manifest = json.loads((bundle / "manifest.json").read_text())
-    names = [o["name"] for o in manifest["outputs"]]
+    names = output_names(manifest)
     audio = parity_cases("beats", int(manifest["sample_rate"]))[0].audio
     gpu = select_backend(bundle, manifest, names, device="cuda")[0]
-    cpu = OrtBackend(bundle / "model.onnx", names, provider="CPUExecutionProvider")
+    cpu = onnx_cpu_backend(bundle / "model.onnx", names)
     cosine = float(rowwise_cosine(gpu.run(audio)["tokens"], cpu.run(audio)["tokens"]).min())
     return {"description": gpu.description, "token_cosine_vs_cpu": cosine}
 
@@ -327,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="CPU only: skip (and name) every GPU step")
     args = parser.parse_args(argv)
     import_edgeenc()
-    from edgeenc.runtime import tensorrt_backend as trt_rt
+    from edgeenc.runtime.backends import tensorrt_backend as trt_rt
 
     size = args.size or ("tiny" if args.dry_run else "full")
     work = args.work or args.out.resolve().parent / "gpu_check_work"

@@ -55,7 +55,7 @@ def prepare_bundle(work: Path, say) -> Path:
         say("exporting the bundle")
         subprocess.run(["edgeenc", "export", MODEL_ID, "--checkpoint", str(ckpt), "-o", str(bundle)], check=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
-    if "model.cpu.onnx" not in manifest.get("variants", {}):
+    if "model.cpu.onnx" not in (manifest.get("variants") or {}):
         say("edgeenc optimize --keep-failed")
         subprocess.run(["edgeenc", "optimize", str(bundle), "--keep-failed"], check=True)
     return bundle
@@ -65,9 +65,9 @@ class Ort:
     """The runtime's own CPU backend (same session options users get)."""
 
     def __init__(self, path: Path, threads: int):
-        from edgeenc.runtime.backends import OrtBackend
+        from edgeenc.runtime.backends import open_cpu_backend
 
-        self.backend = OrtBackend(path, ["embedding"], provider="CPUExecutionProvider", threads=threads)
+        self.backend = open_cpu_backend(path, "onnxruntime", "fp32", ["embedding"], threads)
 
     def __call__(self, audio):
         self.backend.run(audio)
@@ -77,9 +77,9 @@ class Ov:
     """The runtime's OpenVINO backend at one precision (same compile options users get)."""
 
     def __init__(self, path: Path, threads: int, precision: str):
-        from edgeenc.runtime.openvino_backend import OpenVinoBackend
+        from edgeenc.runtime.backends import open_cpu_backend
 
-        self.backend = OpenVinoBackend(path, ["embedding"], precision=precision, threads=threads)
+        self.backend = open_cpu_backend(path, "openvino", precision, ["embedding"], threads)
 
     def __call__(self, audio):
         self.backend.run(audio)
@@ -165,9 +165,9 @@ def main() -> None:
     def say(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-    from edgeenc.runtime.bench import bench_audio, cold_start
-    from edgeenc.runtime.gemm_limits import limit_for, measure_limits
-    from edgeenc.runtime.limits import count_flops, machine_info
+    from edgeenc.runtime.bench import bench_audio, cold_start, count_flops, limit_for, machine_info, measure_limits
+    from edgeenc.runtime.bundle import variant_entry
+    from edgeenc.runtime.bundle import variants as bundle_variants
 
     args.work.mkdir(parents=True, exist_ok=True)
     bundle = args.bundle or prepare_bundle(args.work, say)
@@ -182,18 +182,18 @@ def main() -> None:
     say(f"{flops['flops'] / 1e9:.1f} GFLOP per 10 s clip")
     birdnet_model, birdnet_source = find_birdnet(args.work, say)
 
-    variants = {name: v for name, v in manifest["variants"].items()
+    variants = {name: v for name, v in bundle_variants(manifest).items()
                 if name != "model.onnx" and (bundle / name).is_file()}
-    openvino = {name: v for name, v in manifest["variants"].items()
+    openvino = {name: v for name, v in bundle_variants(manifest).items()
                 if name.startswith("openvino:") and v.get("written", True) is not False}
     results = {"model_id": MODEL_ID, "clip": "10 s of edgeenc/data/birds_10s.wav (= shared/audio/birds_10s.wav)",
                "batch": 1, "rounds": args.rounds, "gap_s": args.gap, "machine": machine_info(), "flops": flops,
                "gflop_per_clip": flops["flops"] / 1e9, "birdnet": {"source": birdnet_source}, "by_threads": {},
                "variants": {k: {kk: vv for kk, vv in v.items() if kk != "comparisons"} for k, v in
-                            manifest["variants"].items()},
+                            bundle_variants(manifest).items()},
                "cpu_default": manifest.get("cpu_default"),
                "command": "python benchmarks/run_benchmarks.py " + " ".join(sys.argv[1:])}
-    results["variants"].update({k: v for k, v in manifest["variants"].items() if k.startswith("openvino:")})
+    results["variants"].update({k: v for k, v in bundle_variants(manifest).items() if k.startswith("openvino:")})
     for threads in args.threads:
         say(f"threads={threads}: loading targets")
         targets = {"pytorch_eager": Eager(ckpt, threads), "ort model.onnx": Ort(bundle / "model.onnx", threads)}
@@ -241,12 +241,12 @@ def main() -> None:
                 row["achieved_gflops"] = flops["flops"] / p50 / 1e9
                 row["percent_of_gemm_peak"] = 100 * row["achieved_gflops"] / peak
                 file = name.split(" ", 1)[1] if name.startswith("ort ") else None
-                if file and file in manifest["variants"]:
-                    v = manifest["variants"][file]
+                if file and file in bundle_variants(manifest):
+                    v = bundle_variants(manifest)[file]
                     row["precision"], row["gate_passed"], row["quality"] = v["precision"], v["parity"], v.get(
                         "figures")
                 elif file == "model.onnx":
-                    row["precision"], row["gate_passed"] = "fp32", manifest["variants"]["model.onnx"]["parity"]
+                    row["precision"], row["gate_passed"] = "fp32", variant_entry(manifest, "model.onnx")["parity"]
                 elif name in openvino:
                     v = openvino[name]
                     row["precision"], row["gate_passed"], row["quality"] = v["precision"], v["parity"], v.get(

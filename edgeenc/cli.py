@@ -1,7 +1,7 @@
 """The `edgeenc` command: parse, call the library, print, choose the exit code.
 
-This module only assembles the typer app from the command modules (cli_export, cli_run,
-cli_bench, cli_tensorrt, cli_watch, cli_listen), which share edgeenc/cli_common.py. Commands import their
+This module only assembles the typer app from the command modules (cli_export, cli_run, cli_ray,
+cli_bench, cli_tensorrt, cli_recorder), which share edgeenc/cli_common.py. Commands import their
 library lazily so that the runtime commands never import torch.
 """
 
@@ -12,12 +12,11 @@ import sys
 import typer
 
 from edgeenc.cli_bench import bench, optimize
-from edgeenc.cli_common import err
+from edgeenc.cli_common import ExitStatus, err
 from edgeenc.cli_export import demo, export, models
-from edgeenc.cli_listen import listen
+from edgeenc.cli_recorder import export_db, listen, search, watch
 from edgeenc.cli_run import classify, embed, info
 from edgeenc.cli_tensorrt import build
-from edgeenc.cli_watch import export_db, search, watch
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 
@@ -32,4 +31,4 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         err("interrupted")
-        sys.exit(130)
+        sys.exit(ExitStatus.INTERRUPTED)

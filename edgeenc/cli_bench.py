@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import EXIT_PARITY_FAILED, err, note
+from edgeenc.cli_common import ExitStatus, fail, failing_on, note
 
 
 def bench(
@@ -25,19 +25,15 @@ def bench(
     The limit is measured in the same run: the best of numpy (BLAS overrides such as OPENBLAS_CORETYPE
     removed) and ONNX Runtime's own MatMul; int8 rows get an int8 limit.
     """
-    from edgeenc.runtime.backend_protocol import BackendUnavailable
+    from edgeenc.runtime.backends import BackendUnavailable
     from edgeenc.runtime.bench import format_table, report_json, run_bench
     from edgeenc.runtime.bundle import BundleError
 
     if any(b < 1 for b in batch) or runs < 1 or warmup < 0:
-        err("--batch and --runs must be >= 1, --warmup >= 0")
-        raise typer.Exit(2)
-    try:
+        fail("--batch and --runs must be >= 1, --warmup >= 0")
+    with failing_on(BundleError, BackendUnavailable, ValueError):
         report = run_bench(bundle, device=device, batches=batch, seconds=seconds, runs=runs, warmup=warmup,
                            threads=threads, cold=cold, progress=note)
-    except (BundleError, BackendUnavailable, ValueError) as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
     typer.echo(format_table(report))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -64,13 +60,10 @@ def optimize(
     from edgeenc.export.optimize import optimize_bundle
     from edgeenc.runtime.bundle import BundleError
 
-    try:
+    with failing_on(BundleError, ValueError):
         summary = optimize_bundle(bundle, int8=int8, dynamic=dynamic, keep_fp32=keep_fp32, keep_failed=keep_failed,
                                   threads=threads, int8_weights=int8_weights, openvino=openvino, pick=pick,
                                   timing_runs=timing_runs, progress=note)
-    except (BundleError, ValueError) as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
     choice = summary.pop("cpu_default", None)
     for name, entry in summary.items():
         status = "PASS" if entry.get("parity") else ("not written" if entry.get("written") is False else "FAIL")
@@ -81,4 +74,4 @@ def optimize(
         typer.echo(f"CPU default: {choice['variant']} ({choice['engine']} {choice['precision']}, "
                    f"{choice['speedup_vs_model_onnx']:.2f}x model.onnx on ONNX Runtime)")
     if not summary["model.cpu.onnx"]["parity"]:
-        raise typer.Exit(EXIT_PARITY_FAILED)
+        raise typer.Exit(ExitStatus.PARITY_FAILED)

@@ -1,22 +1,44 @@
-"""What every edgeenc command shares: printing, progress, exit codes, opening an encoder, file lists.
+"""What every edgeenc command shares: exit codes, printing, progress, the option groups, opening an encoder.
 
-Each command module imports these public names; `edgeenc/cli.py` only assembles the typer app.
+Options that several commands take are declared once here, as groups that become one value each: the
+window options (runtime `WindowOptions`), the encoder choice (`EncoderChoice`: device, threads, variant,
+CPU engine) and the scoring (runtime `ScoreOptions`). A command names a group as one parameter, e.g.
+``windows: WindowOptions = WindowOptions()``, and `@grouped_options` spreads it into its command-line flags
+(the default instance gives their defaults) and builds the value back before the command runs.
 Library code never imports this (tests/test_architecture.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import sys
 import time
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import typer
 
-EXIT_PARITY_FAILED = 3
-EXIT_SOME_FILES_FAILED = 4
-EXIT_LOCKED = 5
-EXIT_UNAVAILABLE = 2
+from edgeenc.progress import Progress
+from edgeenc.runtime.scores import ScoreOptions
+from edgeenc.runtime.windows import WindowOptions
+
+
+class ExitStatus(IntEnum):
+    """Every exit code of every command (README's table)."""
+
+    OK = 0
+    FAILED = 1  # `info`: a file changed since export; `build`: TensorRT could not build the engine
+    USAGE = 2  # a bad option, bundle, input or missing software: said in one line, nothing was done
+    PARITY_FAILED = 3  # export / optimize / build wrote a result that failed its parity gate
+    SOME_FILES_FAILED = 4  # the other files were done and written; the failed ones are listed
+    LOCKED = 5  # another watcher or listener holds the results database
+    SOURCE_FAILED = 6  # `listen`: the live source failed (the windows so far are stored)
+    INTERRUPTED = 130  # Ctrl-C
 
 
 def err(message: str) -> None:
@@ -27,7 +49,22 @@ def note(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def progress_printer():
+def fail(message: str, status: ExitStatus = ExitStatus.USAGE) -> NoReturn:
+    """Say what is wrong in one line and end the command with `status`."""
+    err(message)
+    raise typer.Exit(status)
+
+
+@contextlib.contextmanager
+def failing_on(*errors: type[BaseException], status: ExitStatus = ExitStatus.USAGE) -> Iterator[None]:
+    """Library errors of these types end the command with their message and `status`, not a traceback."""
+    try:
+        yield
+    except errors as exc:
+        fail(str(exc), status)
+
+
+def progress_printer() -> Progress:
     start = time.time()
 
     def say(message: str) -> None:
@@ -36,43 +73,153 @@ def progress_printer():
     return say
 
 
-def expand_audio(paths: list[Path]) -> list[Path]:
-    """Files as given, and every audio file under the given folders (sorted, recursive)."""
-    from edgeenc.runtime.audio import AUDIO_SUFFIXES
+# ---------------------------------------------------------------------------------------------- option groups
 
-    found: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            # Dot files are temporaries or macOS "._" resource forks, common on recorders' exFAT cards.
-            found.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
-                                and not p.name.startswith(".")))
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    """Which backend, CPU variant and engine run the bundle (`Encoder.load`'s choices), and how much to say."""
+
+    device: str = "auto"
+    threads: int | None = None
+    variant: str | None = None
+    cpu_engine: str | None = None
+    verbose: bool = False
+
+    def open(self, bundle: Path, device: str | None = None):
+        """The Encoder, after printing which backend runs (every skipped one too with --verbose)."""
+        from edgeenc.runtime import BundleError, Encoder
+        from edgeenc.runtime.backends import BackendUnavailable
+
+        with failing_on(BundleError, BackendUnavailable, ValueError):
+            encoder = Encoder.load(bundle, device or self.device, threads=self.threads, variant=self.variant,
+                                   cpu_engine=self.cpu_engine)
+        for line in encoder.backend_log if self.verbose else encoder.backend_brief:
+            note(line)
+        if encoder.manifest.get("random_init"):
+            note("warning: this bundle holds RANDOM weights (--random-init): outputs are meaningless")
+        return encoder
+
+
+def flag_type(kind: Any, help: str, *names: str) -> Any:
+    """The annotation of one option: its type and how typer shows it."""
+    return Annotated[kind, typer.Option(*names, help=help)]
+
+
+# group -> {parameter name: (field, Annotated type)}; a parameter name is its flag (window -> --window)
+OPTION_GROUPS: dict[type, dict[str, tuple[str, Any]]] = {
+    WindowOptions: {
+        "window": ("window_seconds", flag_type(float | None, "window seconds (default: the model's native length)")),
+        "hop": ("hop_seconds", flag_type(float | None, "hop seconds (default: = window)")),
+        "last": ("last", flag_type(str, "last partial window: auto (its true length, but dropped when shorter than "
+                                      "half the window or 1 s, unless it is the file's only window), short (true "
+                                      "length, always), pad, or drop; for listen, where the source ends")),
+        "batch": ("batch_size", flag_type(int, "windows per inference batch (listen: at most, when behind)")),
+        "channel": ("channel", flag_type(int | None, "use this channel (0-based) instead of the mean")),
+    },
+    EncoderChoice: {
+        "device": ("device", flag_type(str, "auto, trt, cuda or cpu")),
+        "threads": ("threads", flag_type(int | None, "CPU threads for ONNX Runtime / OpenVINO")),
+        "variant": ("variant", flag_type(str | None, "a gated CPU variant, e.g. int8dyn, or bf16 with --cpu-engine "
+                                                   "openvino (see `edgeenc info`; default: the bundle's timed one)")),
+        "cpu_engine": ("cpu_engine", flag_type(str | None, "CPU engine: onnxruntime or openvino (default: the "
+                                                         "bundle's timed CPU default, see `edgeenc info`)")),
+        "verbose": ("verbose", flag_type(bool, "say why every other backend was skipped", "-v", "--verbose")),
+    },
+    ScoreOptions: {
+        "top_k": ("top_k", flag_type(int, "labels per window", "--top-k")),
+        "threshold": ("threshold", flag_type(float | None, "keep only scores >= this")),
+        "activation": ("activation", flag_type(str, "softmax (one label per window) or sigmoid (independent)")),
+    },
+}
+
+
+def register_group(group: type, flags: dict[str, tuple[str, Any]]) -> None:
+    """Declare another option group (e.g. the run strategy of cli_ray) for `@grouped_options`."""
+    OPTION_GROUPS[group] = flags
+
+
+def grouped_options(command: Callable) -> Callable:
+    """Spread the command's group parameters (OPTION_GROUPS) into their flags for typer; rebuild them on call.
+
+    A value a group refuses (its ValueError, e.g. --last never) ends the command with exit 2 before any work.
+    """
+    hints = typing.get_type_hints(command, include_extras=True)
+    flags = {flag for group in OPTION_GROUPS.values() for flag in group}
+    params, groups = [], {}
+    for param in inspect.signature(command).parameters.values():
+        group = hints.get(param.name)
+        if param.name in flags:  # the value would be taken for a flag of the same name
+            raise TypeError(f"{command.__name__}: parameter {param.name!r} is also the name of a grouped option")
+        if group in OPTION_GROUPS:
+            default = group() if param.default is inspect.Parameter.empty else param.default
+            groups[param.name] = group
+            params += [inspect.Parameter(flag, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                         default=getattr(default, field))
+                       for flag, (field, annotation) in OPTION_GROUPS[group].items()]
         else:
-            found.append(path)
-    return found
+            params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=hints[param.name]))
+
+    def run(**kwargs):
+        for name, group in groups.items():
+            values = {field: kwargs.pop(flag) for flag, (field, _) in OPTION_GROUPS[group].items()}
+            with failing_on(ValueError):
+                kwargs[name] = group(**values)
+        return command(**kwargs)
+
+    run.__signature__ = inspect.Signature(params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    for attribute in ("__name__", "__qualname__", "__doc__", "__module__"):
+        setattr(run, attribute, getattr(command, attribute))
+    return run
 
 
-def open_encoder(bundle: Path, device: str, threads: int | None, variant: str | None = None,
-                 verbose: bool = False, engine: str | None = None):
-    from edgeenc.runtime.backend_protocol import BackendUnavailable
-    from edgeenc.runtime.bundle import BundleError
-    from edgeenc.runtime.encoder import Encoder
-
-    try:
-        encoder = Encoder.load(bundle, device, threads=threads, variant=variant, engine=engine)
-    except (BundleError, BackendUnavailable, ValueError) as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
-    for line in encoder.backend_log if verbose else encoder.backend_brief:
-        note(line)
-    if encoder.manifest.get("random_init"):
-        note("warning: this bundle holds RANDOM weights (--random-init): outputs are meaningless")
-    return encoder
+# ---------------------------------------------------------------------------------------------- files
 
 
-def run_files(encoder, files: list[Path], options: dict):
+def audio_files(audio: Iterable[Path | str]) -> list[Path]:
+    """Files as given, and every audio file under the given folders (runtime.audio.audio_files)."""
+    from edgeenc.runtime.audio import audio_files as find
+
+    audio = list(audio)
+    files = [Path(p) for p in find(audio)]
+    if not files:
+        fail("no audio files found in " + ", ".join(map(str, audio)))
+    return files
+
+
+class AudioProgress:
+    """A progress bar over hours of audio with files done and failed, errors printed above it as they come."""
+
+    def __init__(self, total_seconds: float, files: int, started: float | None = None) -> None:
+        from tqdm import tqdm
+
+        self.tqdm = tqdm
+        self.files, self.done, self.failed, self.seconds = files, 0, 0, 0.0
+        self.started = started  # given: the bar also shows the real-time factor since then
+        self.bar = tqdm(total=round(total_seconds / 3600, 4), unit="h", desc="audio", file=sys.stderr,
+                        bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}] {postfix}",
+                        disable=None)
+
+    def update(self, outcome) -> None:
+        if outcome.error:
+            self.failed += 1
+            self.tqdm.write(f"error: {outcome.path}: {outcome.error}", file=sys.stderr)
+        else:
+            self.done += 1
+            self.seconds += outcome.audio_seconds
+            self.bar.update(round(outcome.audio_seconds / 3600, 4))
+        postfix = f"{self.done + self.failed}/{self.files} files, {self.failed} failed"
+        if self.started is not None:
+            postfix += f", {self.seconds / max(time.time() - self.started, 1e-9):.1f}x real time"
+        self.bar.set_postfix_str(postfix)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_files(encoder, files: list[Path], options: WindowOptions):
     """Yield FileOutcomes with a progress bar over audio hours; errors are reported as they happen."""
-    from tqdm import tqdm
-
     from edgeenc.runtime.audio import AudioError, probe
 
     total = 0.0
@@ -81,53 +228,16 @@ def run_files(encoder, files: list[Path], options: dict):
             total += probe(path).duration_seconds
         except AudioError:
             pass  # reported when its turn comes
-    bar = tqdm(total=round(total / 3600, 4), unit="h", desc="audio", file=sys.stderr,
-               bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}] {postfix}",
-               disable=None)
-    done = failed = 0
+    progress = AudioProgress(total, len(files))
     try:
-        for outcome in encoder.embed_files([str(f) for f in files], **options):
-            if outcome.error:
-                failed += 1
-                tqdm.write(f"error: {outcome.path}: {outcome.error}", file=sys.stderr)
-            else:
-                done += 1
-                bar.update(round(outcome.audio_seconds / 3600, 4))
-            bar.set_postfix_str(f"{done + failed}/{len(files)} files, {failed} failed")
+        for outcome in encoder.embed_files([str(f) for f in files], options):
+            progress.update(outcome)
             yield outcome
     finally:
-        bar.close()
+        progress.close()
 
 
-def audio_files(audio: list[Path]) -> list[Path]:
-    files = expand_audio(audio)
-    if not files:
-        err("no audio files found in " + ", ".join(map(str, audio)))
-        raise typer.Exit(2)
-    return files
-
-
-# Options that every command running recordings through a bundle shares.
-WindowOpt = Annotated[float | None, typer.Option(help="window seconds (default: the model's native length)")]
-HopOpt = Annotated[float | None, typer.Option(help="hop seconds (default: = window)")]
-LastOpt = Annotated[str, typer.Option(help="last partial window: auto (default: its true length, but dropped "
-                                            "when shorter than half the window or 1 s, unless it is the file's "
-                                            "only window), short (true length, always), pad, or drop")]
-DeviceOpt = Annotated[str, typer.Option(help="auto, trt, cuda or cpu")]
-BatchOpt = Annotated[int, typer.Option(help="windows per inference batch")]
-ChannelOpt = Annotated[int | None, typer.Option(help="use this channel (0-based) instead of the mean")]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for ONNX Runtime")]
-VariantOpt = Annotated[str | None, typer.Option(help="a gated CPU variant, e.g. int8dyn, or bf16 with --cpu-engine "
-                                                    "openvino (see `edgeenc info`; default: the bundle's timed one)")]
-CpuEngineOpt = Annotated[str | None, typer.Option(help="CPU engine: onnxruntime or openvino (default: the bundle's "
-                                                      "timed CPU default, see `edgeenc info`)")]
-VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="say why every other backend was skipped")]
-
-
-def window_options(window, hop, last, batch, channel) -> dict:
-    return {"window_seconds": window, "hop_seconds": hop, "last": last, "batch_size": batch, "channel": channel}
-
-
+# ---------------------------------------------------------------------------------------------- recorder
 
 
 def recorder_logging(quiet: bool, events_logger: str) -> None:
@@ -140,14 +250,8 @@ def recorder_logging(quiet: bool, events_logger: str) -> None:
 
 
 def open_results_store(opener):
-    """The SQLite results store `opener()` returns; a locked one exits EXIT_LOCKED, a bad one 2."""
-    from edgeenc.runtime.store import StoreError, StoreLocked
+    """The SQLite results store `opener()` returns; a locked one exits LOCKED, a bad one USAGE."""
+    from edgeenc.runtime.recorder import StoreError, StoreLocked
 
-    try:
+    with failing_on(StoreError), failing_on(StoreLocked, status=ExitStatus.LOCKED):  # the inner one sees it first
         return opener()
-    except StoreLocked as exc:
-        err(str(exc))
-        raise typer.Exit(EXIT_LOCKED) from None
-    except StoreError as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import EXIT_PARITY_FAILED, err, note, progress_printer
+from edgeenc.cli_common import ExitStatus, fail, failing_on, note, progress_printer
 
 
 def models() -> None:
@@ -47,18 +47,14 @@ def export(
     from edgeenc.models.registry import UnknownModelError
 
     if checkpoint is not None and random_init:
-        err("pass either --checkpoint or --random-init, not both")
-        raise typer.Exit(2)
+        fail("pass either --checkpoint or --random-init, not both")
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    try:
+    with failing_on(UnknownModelError, CheckpointError, CheckpointUnavailable, ValueError):
         note(f"loading {model_id} from {checkpoint or 'the Hugging Face hub' if not random_init else 'random init'}")
         loaded = load_model(model_id, checkpoint, random_init=random_init, allow_pickle=allow_pickle)
-    except (UnknownModelError, CheckpointError, CheckpointUnavailable, ValueError) as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
     if loaded.random_init:
         note("warning: RANDOM weights (--random-init): outputs are meaningless; the bundle is flagged")
     from edgeenc.export.pipeline import export_bundle
@@ -77,8 +73,7 @@ def export(
         note(f"warning: ops outside TensorRT 10's ONNX support: {ops['unsupported'] + ops['unknown']}")
     typer.echo(str(target))
     if not result.passed:
-        err(f"parity gate failed; the bundle in {target} is marked failed (see parity.json)")
-        raise typer.Exit(EXIT_PARITY_FAILED)
+        fail(f"parity gate failed; the bundle in {target} is marked failed (see parity.json)", ExitStatus.PARITY_FAILED)
     note(f"next: `edgeenc optimize {target}` on a CPU (model.cpu.onnx, faster fp32, and gated int8 variants), "
          f"`edgeenc build {target}` on a GPU or Jetson")
 
@@ -102,8 +97,7 @@ def demo(
         loaded = load_model(model_id)
     except CheckpointUnavailable as exc:
         if not random_init_if_offline:
-            err(str(exc))
-            raise typer.Exit(2) from None
+            fail(str(exc))
         note(f"warning: {exc}")
         note("warning: continuing the DEMO with RANDOM weights: every number below is meaningless, "
              "and the bundle and outputs are flagged random_init")
@@ -112,7 +106,8 @@ def demo(
 
     result = export_bundle(loaded, out, progress=progress_printer())
     note(f"bundle: {out} (parity {'passed' if result.passed else 'FAILED'})")
-    from edgeenc.runtime.encoder import Encoder, top_k_rows
+    from edgeenc.runtime import Encoder, ScoreOptions
+    from edgeenc.runtime.encoder import top_k_rows
 
     encoder = Encoder.load(out)
     with resources.as_file(resources.files("edgeenc") / "data" / "birds_10s.wav") as wav:
@@ -120,9 +115,9 @@ def demo(
     typer.echo(f"{wav.name}: {len(embedding)} window(s) of {encoder.window_seconds:g} s, "
                f"embedding dim {encoder.embedding_dim}, backend {encoder.backend.description}")
     if embedding.logits is not None:
-        for row in top_k_rows(embedding, encoder.labels, top_k=3):
+        for row in top_k_rows(embedding, encoder.labels, ScoreOptions(top_k=3)):
             typer.echo(f"  {row.start:6.2f}-{row.end:6.2f} s  #{row.rank}  {row.label:32} {row.score:.3f}")
     if not result.passed:
-        raise typer.Exit(EXIT_PARITY_FAILED)
+        raise typer.Exit(ExitStatus.PARITY_FAILED)
 
 

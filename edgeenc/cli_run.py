@@ -8,38 +8,28 @@ from pathlib import Path
 import typer
 
 from edgeenc.cli_common import (
-    EXIT_SOME_FILES_FAILED,
-    BatchOpt,
-    ChannelOpt,
-    CpuEngineOpt,
-    DeviceOpt,
-    HopOpt,
-    LastOpt,
-    ThreadsOpt,
-    VariantOpt,
-    VerboseOpt,
-    WindowOpt,
+    EncoderChoice,
+    ExitStatus,
     audio_files,
     err,
+    failing_on,
+    grouped_options,
     note,
-    open_encoder,
     run_files,
-    window_options,
 )
-from edgeenc.cli_ray import AddressOpt, EngineOpt, RangeOpt, ThreadsPerWorkerOpt, WorkersOpt, on_ray
+from edgeenc.cli_ray import RunStrategy, on_ray
+from edgeenc.runtime.scores import ScoreOptions
+from edgeenc.runtime.windows import WindowOptions
 
 
 def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     """Print a bundle's manifest and verify the hash of every file."""
-    from edgeenc.runtime.bundle import BundleError, read_manifest, verify_bundle
-    from edgeenc.runtime.isa import bf16_variant_problem, int8_variant_problem
+    from edgeenc.runtime.backends import bf16_variant_problem, int8_variant_problem
+    from edgeenc.runtime.bundle import BundleError, gated, read_manifest, variants, verify_bundle
 
-    try:
+    with failing_on(BundleError):
         manifest = read_manifest(bundle)
         problems = verify_bundle(bundle, manifest)
-    except BundleError as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
     keys = ("model_id", "architecture", "sample_rate", "embedding_dim", "window_seconds", "num_classes", "opset",
             "licence", "checkpoint", "checkpoint_sha256", "random_init", "status")
     for key in keys:
@@ -48,14 +38,14 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     for variant, summary in manifest.get("parity", {}).items():
         typer.echo(f"{'parity ' + variant:18} {'pass' if summary.get('passed') else 'FAIL'} "
                    f"({summary.get('comparisons')} comparisons, {summary.get('failed')} failed)")
-    for name, entry in (manifest.get("variants") or {}).items():
-        state = "gate passed" if entry.get("parity") else "gate FAILED, not offered"
+    for name, entry in variants(manifest).items():
+        state = "gate passed" if gated(entry) else "gate FAILED, not offered"
         if entry.get("written") is False:
             state = "not written: " + str(entry.get("why") or entry.get("reason") or "unsupported here")[:100]
         weights = f", {entry['weights']} weights" if entry.get("weights") else ""
-        if entry.get("parity") and int8_variant_problem(name, entry):
+        if gated(entry) and int8_variant_problem(name, entry):
             state += " - NOT usable on this CPU (s8 weights saturate without VNNI: re-run `edgeenc optimize` here)"
-        if entry.get("parity") and bf16_variant_problem(name, entry):
+        if gated(entry) and bf16_variant_problem(name, entry):
             state += " - NOT usable on this CPU (no bf16 instructions: re-run `edgeenc optimize` here)"
         typer.echo(f"{'variant':18} {name} ({entry.get('precision')}{weights}): {state}")
     choice = manifest.get("cpu_default")
@@ -79,13 +69,11 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     if problems:
         for problem in problems:
             err(problem)
-        raise typer.Exit(1)
+        raise typer.Exit(ExitStatus.FAILED)
     typer.echo("all file hashes match the manifest")
 
 
-
-
-def resumable_results(encoder, files: list[Path], options: dict, out: Path):
+def resumable_results(encoder, files: list[Path], options: WindowOptions, out: Path):
     """Results of every readable file in order, resuming from `OUT.parts/`; returns (results, failed, parts)."""
     from edgeenc.runtime.resume import PartFolder
 
@@ -108,44 +96,35 @@ def finish_summary(done: int, failed: int, out: Path, parts) -> None:
     note(f"{done} file(s) done, {failed} failed; wrote {out}")
     if failed:
         note(f"finished files are kept in {parts.folder}: fix or remove the failed ones and run again to resume")
-        raise typer.Exit(EXIT_SOME_FILES_FAILED)
+        raise typer.Exit(ExitStatus.SOME_FILES_FAILED)
     parts.remove()
 
 
+AudioArgument = typer.Argument(..., help="audio files or folders (walked recursively); --engine ray also takes URLs "
+                                         "such as s3://bucket/prefix")
+
+
+@grouped_options
 def embed(
     bundle: Path = typer.Argument(..., help="a bundle folder"),
-    audio: list[str] = typer.Argument(..., help="audio files or folders (walked recursively); --engine ray also "
-                                                "takes URLs such as s3://bucket/prefix"),
+    audio: list[str] = AudioArgument,
     out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
-    window: WindowOpt = None,
-    hop: HopOpt = None,
-    last: LastOpt = "auto",
-    device: DeviceOpt = "auto",
-    batch: BatchOpt = 8,
-    channel: ChannelOpt = None,
-    threads: ThreadsOpt = None,
-    variant: VariantOpt = None,
-    cpu_engine: CpuEngineOpt = None,
-    verbose: VerboseOpt = False,
-    engine: EngineOpt = "single",
-    address: AddressOpt = None,
-    workers: WorkersOpt = 1,
-    threads_per_worker: ThreadsPerWorkerOpt = 1,
-    range_seconds: RangeOpt = 600.0,
+    windows: WindowOptions = WindowOptions(),
+    choice: EncoderChoice = EncoderChoice(),
+    run: RunStrategy = RunStrategy(),
 ) -> None:
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
 
     from edgeenc.runtime.writers import WriterError, write_embeddings
 
-    if on_ray(engine, bundle, audio, out, window_options(window, hop, last, batch, channel), device, variant,
-              address, workers, threads_per_worker, range_seconds, verbose):
+    if on_ray(run, bundle, audio, out, windows, choice):
         return
-    files = audio_files(list(map(Path, audio)))
-    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=cpu_engine)
-    results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
+    files = audio_files(audio)
+    encoder = choice.open(bundle)
+    results, failed, parts = resumable_results(encoder, files, windows, out)
     dim = encoder.embedding_dim
-    try:
+    with failing_on(WriterError):
         write_embeddings(
             out,
             [r.file for r in results for _ in range(len(r))],
@@ -154,59 +133,33 @@ def embed(
             np.concatenate([r.embeddings for r in results]) if results else np.zeros((0, dim), np.float32),
             {**encoder.metadata, "files_failed": str(failed)},
         )
-    except WriterError as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
     finish_summary(len(results), failed, out, parts)
 
 
+@grouped_options
 def classify(
     bundle: Path = typer.Argument(..., help="a bundle folder of a model with a classifier"),
-    audio: list[str] = typer.Argument(..., help="audio files or folders (walked recursively); --engine ray also "
-                                                "takes URLs such as s3://bucket/prefix"),
+    audio: list[str] = AudioArgument,
     out: Path = typer.Option(Path("detections.csv"), "-o", "--out", help=".csv table or .txt Raven selection table"),
-    top_k: int = typer.Option(5, "--top-k", help="labels per window"),
-    threshold: float | None = typer.Option(None, help="keep only scores >= this"),
-    activation: str = typer.Option("softmax", help="softmax (one label per window) or sigmoid (independent)"),
-    window: WindowOpt = None,
-    hop: HopOpt = None,
-    last: LastOpt = "auto",
-    device: DeviceOpt = "auto",
-    batch: BatchOpt = 8,
-    channel: ChannelOpt = None,
-    threads: ThreadsOpt = None,
-    variant: VariantOpt = None,
-    cpu_engine: CpuEngineOpt = None,
-    verbose: VerboseOpt = False,
-    engine: EngineOpt = "single",
-    address: AddressOpt = None,
-    workers: WorkersOpt = 1,
-    threads_per_worker: ThreadsPerWorkerOpt = 1,
-    range_seconds: RangeOpt = 600.0,
+    scoring: ScoreOptions = ScoreOptions(),
+    windows: WindowOptions = WindowOptions(),
+    choice: EncoderChoice = EncoderChoice(),
+    run: RunStrategy = RunStrategy(),
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
     from edgeenc.runtime.writers import WriterError, write_classifications
 
-    if on_ray(engine, bundle, audio, out, window_options(window, hop, last, batch, channel), device, variant,
-              address, workers, threads_per_worker, range_seconds, verbose,
-              classify={"top_k": top_k, "threshold": threshold, "activation": activation}):
+    if on_ray(run, bundle, audio, out, windows, choice, scoring):
         return
-    files = audio_files(list(map(Path, audio)))
-    encoder = open_encoder(bundle, device, threads, variant, verbose, engine=cpu_engine)
-    if "logits" not in encoder.output_names:
-        err(f"{encoder.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings")
-        raise typer.Exit(2)
-    results, failed, parts = resumable_results(encoder, files, window_options(window, hop, last, batch, channel), out)
-    rows = [row for r in results
-            for row in top_k_rows(r, encoder.labels, top_k=top_k, threshold=threshold, activation=activation)]
+    files = audio_files(audio)
+    encoder = choice.open(bundle)
+    with failing_on(ValueError):
+        encoder.require_classifier()
+    results, failed, parts = resumable_results(encoder, files, windows, out)
+    rows = [row for r in results for row in top_k_rows(r, encoder.labels, scoring)]
     durations = {r.file: float(r.ends.max()) for r in results if len(r)}
-    try:
-        write_classifications(out, rows, metadata={**encoder.metadata, "activation": activation},
+    with failing_on(WriterError, ValueError):
+        write_classifications(out, rows, metadata={**encoder.metadata, "activation": scoring.activation},
                               sample_rate=encoder.sample_rate, file_durations=durations)
-    except (WriterError, ValueError) as exc:
-        err(str(exc))
-        raise typer.Exit(2) from None
     finish_summary(len(results), failed, out, parts)
-
-

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import EXIT_PARITY_FAILED, EXIT_UNAVAILABLE, err, note, progress_printer
+from edgeenc.cli_common import ExitStatus, err, fail, failing_on, note, progress_printer
 
 
 def build(
@@ -20,14 +20,12 @@ def build(
 ) -> None:
     """Build a TensorRT engine for this GPU into BUNDLE/engines/ and add it to the manifest."""
     from edgeenc.export.tensorrt import PRECISIONS, BuildError, TensorRTUnavailable, build_engine, compute_profile
+    from edgeenc.runtime.backends import require_tensorrt
     from edgeenc.runtime.bundle import BundleError, read_manifest
 
     if precision not in PRECISIONS:
-        err(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        raise typer.Exit(EXIT_UNAVAILABLE)
-    try:
-        from edgeenc.runtime.tensorrt_backend import require_tensorrt
-
+        fail(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    with failing_on(TensorRTUnavailable, BundleError, ValueError), failing_on(BuildError, status=ExitStatus.FAILED):
         require_tensorrt()  # before reading anything: say at once what to install
         manifest = read_manifest(bundle)
         if manifest.get("status") != "ok":
@@ -38,12 +36,6 @@ def build(
             note(f"note: {line}")
         result = build_engine(bundle, precision=precision, profile=profile, workspace_gb=workspace_gb,
                               progress=progress_printer())
-    except (TensorRTUnavailable, BundleError, ValueError) as exc:
-        err(str(exc))
-        raise typer.Exit(EXIT_UNAVAILABLE) from None
-    except BuildError as exc:
-        err(str(exc))
-        raise typer.Exit(1) from None
     layers = result.data["layers"]
     by_precision = ", ".join(f"{label} {count}" for label, count in layers["by_precision"].items())
     note(f"layers: {layers['layers']} ({by_precision})")
@@ -57,5 +49,5 @@ def build(
     if not result.accepted:
         err(f"the engine failed its parity gate and was not added to the manifest; kept aside as {result.engine.name} "
             f"(details in {result.sidecar.name}); try --precision fp32")
-        raise typer.Exit(EXIT_PARITY_FAILED)
+        raise typer.Exit(ExitStatus.PARITY_FAILED)
 

@@ -1,8 +1,8 @@
 """model.fp16.onnx: the GEMMs in fp16 with explicit Casts, precision-critical parts in fp32.
 
-DESIGN.md: "fp32 where precision lives". The front end reaches ~1e14 in the power spectrum
-(reference/tensorrt-jetson.md §2.4), LayerNorm and softmax statistics overflow or lose digits in
-fp16 (§2.2, §2.3) and mean pooling is a long reduction. So the plan below is:
+fp32 where precision lives: the front end reaches ~1e14 in the power spectrum (fp16 tops out at
+65504), LayerNorm and softmax statistics overflow or lose digits in fp16, and mean pooling is a long
+reduction. So the plan below is:
 
 - fp16 anchors: every MatMul / Gemm / Conv after the front end (patch embedding, attention,
   FFN, positional conv), unless a weight does not fit fp16;

@@ -1,9 +1,8 @@
 """Static check of an ONNX graph's ops against what TensorRT 10's ONNX parser imports.
 
-The list follows onnx/onnx-tensorrt docs/operators.md for TensorRT 10.x (see
-shared/reference/tensorrt-jetson.md §1.1). It is deliberately the subset a transformer audio
-encoder may contain plus the common neighbours; an op outside it is reported as "unknown",
-which is a finding to look at, not proof that TensorRT lacks it.
+The list follows onnx/onnx-tensorrt docs/operators.md for TensorRT 10.x. It is deliberately the
+subset a transformer audio encoder may contain plus the common neighbours; an op outside it is
+reported as "unknown", which is a finding to look at, not proof that TensorRT lacks it.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 - model.cpu.onnx: the exact layout rewrites of export/layout.py (GEMM widths that alias in L1 padded
   with zeros), then ONNX Runtime's own fusions (LayerNormalization, BiasGelu, FusedMatMul) saved into
   the file, fp32. Gate:
-  the fp32 thresholds of DESIGN.md (max abs <= 2e-3, per-token cosine >= 0.99999) against ONNX
+  the fp32 thresholds of export/parity.py (max abs <= 2e-3, per-token cosine >= 0.99999) against ONNX
   Runtime running model.onnx (the model.onnx itself was gated against PyTorch at export).
 - the int8 variants start from the layout-rewritten model.onnx (standard ops, so the quantisers
   understand it).
@@ -17,45 +17,46 @@
   in `keep_fp32` stay fp32.
 - bf16: no ONNX Runtime file; its CPU provider has no bf16 MatMul kernel (checked at run time and
   recorded in the manifest). OpenVINO runs model.onnx in bf16 instead ("openvino:bf16", with
-  "openvino:fp32" beside it: export/engine_choice.py), which then times every variant and records
-  the fastest valid one as manifest["cpu_default"].
+  "openvino:fp32" and an NNCF int8 IR beside it: export/openvino_variants.py). Then every variant is
+  timed and the fastest valid one recorded as manifest["cpu_default"] (export/cpu_default.py).
 
 When an int8 variant fails its gate and no --keep-fp32 was given, it is written once more with each
 block's feed-forward down-projection (fc2, the weight MatMuls with the widest K) in fp32 and gated
 again; the failed attempt's figures stay in the manifest ("failed_attempts"). The full-size EAT
 fixture needs this (all-int8 mean-centred embedding cosine 0.988; with fc2 in fp32 0.993).
 
-Reduced-precision variants go through `run_reduced_gate` (per-token cosine >= 0.99, mean-centred
-embedding cosine >= 0.99). Only passing files stay in the bundle; the figures of every variant, passed
-or not, are recorded under manifest["variants"] and manifest["optimize"].
+Every variant goes through parity.compare: the fp32 thresholds for fp32 files, the reduced-precision
+gate (per-token cosine >= 0.99, mean-centred embedding cosine >= 0.99) for the others. Only passing
+files stay in the bundle; the figures of every variant, passed or not, are recorded under
+manifest["variants"] and manifest["optimize"].
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from edgeenc.progress import Progress
 from edgeenc.runtime import bundle as bundle_io
+from edgeenc.runtime.atomic import write_json_atomic
+from edgeenc.runtime.backends import CPU_DISABLED_OPTIMIZERS, cpu_summary, int8_weight_type
 
-from .engine_choice import openvino_variants, pick_cpu_default
+from .cpu_default import pick_cpu_default
 from .layout import cpu_layout
-from .openvino_int8 import int8_files
+from .openvino_variants import int8_files, openvino_variants
 from .parity import (
-    FP32_COSINE_GAP,
-    FP32_MAX_ABS,
     LOWP_TOKEN_COSINE,
     ParityCase,
-    error_stats,
+    compare,
+    fp32_figures,
     ort_runner,
+    reduced_figures,
     reference_audio,
-    run_reduced_gate,
 )
 
-Progress = Callable[[str], None]
 WEIGHT_OPS = ("MatMul", "Gemm")
 
 
@@ -83,23 +84,6 @@ def calibration_windows(sample_rate: int, window_seconds: float, count: int = 8)
     return [tiled[None, s: s + n].copy() for s in starts]
 
 
-def fp32_compare(candidate, reference, cases: Iterable[ParityCase], names: list[str]) -> dict:
-    worst = {"max_abs": 0.0, "min_token_cosine": 1.0}
-    comparisons = []
-    for case in cases:
-        got, ref = candidate(case.audio), reference(case.audio)
-        for name in names:
-            max_abs, mean_abs, cos = error_stats(got[name], ref[name])
-            ok = max_abs <= FP32_MAX_ABS and cos >= 1.0 - FP32_COSINE_GAP
-            comparisons.append({"case": case.name, "output": name, "max_abs": max_abs, "mean_abs": mean_abs,
-                                "min_cosine": cos, "pass": ok})
-            worst["max_abs"] = max(worst["max_abs"], max_abs)
-            worst["min_token_cosine"] = min(worst["min_token_cosine"], cos)
-    passed = all(c["pass"] for c in comparisons)
-    return {"passed": passed, "worst": worst, "limits": {"max_abs": FP32_MAX_ABS, "min_cosine": 1 - FP32_COSINE_GAP},
-            "reference": "onnxruntime on model.onnx", "comparisons": comparisons}
-
-
 def write_layout_model(src: Path, dst: Path) -> dict:
     """model.onnx with the exact CPU layout rewrites of export/layout.py (standard ops only)."""
     model = onnx.load(str(src))
@@ -115,12 +99,10 @@ def write_cpu_model(layout_src: Path, dst: Path, *, say: Progress) -> dict:
     (FusedMatMul) and folds constants; the result uses com.microsoft ops, so it lives beside the portable
     model.onnx. ORT_ENABLE_ALL is not saved: it adds layout changes tied to this CPU. The transformer
     optimizer (onnxruntime.transformers) was tried and dropped: its SkipLayerNormalization kernel made
-    the model slower (see runtime.backends.CPU_DISABLED_OPTIMIZERS) and its Attention fusion does not
-    match BEATs' gated relative bias.
+    the model slower (see CPU_DISABLED_OPTIMIZERS) and its Attention fusion does not match BEATs' gated
+    relative bias.
     """
     import onnxruntime as ort
-
-    from ..runtime.backends import CPU_DISABLED_OPTIMIZERS
 
     say("onnxruntime graph optimisations (ORT_ENABLE_EXTENDED), saved")
     options = ort.SessionOptions()
@@ -248,15 +230,6 @@ def bf16_supported() -> tuple[bool, str]:
     return True, "bf16 MatMul kernel present"
 
 
-def gate_summary(report) -> dict:
-    worst = report.summary.get("worst", {})
-    return {"passed": report.passed,
-            "min_token_cosine": worst.get("tokens", {}).get("min_cosine"),
-            "min_centred_embedding_cosine": worst.get("embedding_centred", {}).get("min_cosine"),
-            "token_max_abs": worst.get("tokens", {}).get("max_abs"),
-            "limits": {"token_cosine": LOWP_TOKEN_COSINE, "centred_embedding_cosine": 0.99}}
-
-
 def optimize_bundle(
     bundle: Path,
     *,
@@ -280,13 +253,11 @@ def optimize_bundle(
     OpenVINO is not installed). `pick`: time every variant valid here (`timing_runs` interleaved runs) and
     write the fastest as manifest["cpu_default"] (summary["cpu_default"]).
     """
-    from ..runtime.isa import cpu_summary, int8_weight_type
-
     say = progress or (lambda _m: None)
     weights, weights_why = int8_weight_type(int8_weights)
     bundle = Path(bundle)
     manifest = bundle_io.read_manifest(bundle)
-    names = [o["name"] for o in manifest["outputs"]]
+    names = bundle_io.output_names(manifest)
     rate, window = int(manifest["sample_rate"]), float(manifest["window_seconds"])
     cases = optimize_cases(rate, window, quick=quick)
     src = bundle / "model.onnx"
@@ -294,13 +265,7 @@ def optimize_bundle(
     say(f"reference outputs of model.onnx on {len(cases)} cases")
     references = {c.name: reference(c.audio) for c in cases}
 
-    def cached_reference(audio):
-        for c in cases:
-            if c.audio is audio:
-                return references[c.name]
-        return reference(audio)
-
-    variants = dict(manifest.get("variants") or {})
+    variants = dict(bundle_io.variants(manifest))
     summary: dict = {}
     written: list[str] = []
 
@@ -311,13 +276,13 @@ def optimize_bundle(
         layout = write_layout_model(src, layout_src)
         info = {**write_cpu_model(layout_src, bundle / "model.cpu.onnx", say=say), "layout": layout}
         say("fp32 gate of model.cpu.onnx against model.onnx")
-        figures = fp32_compare(ort_runner(bundle / "model.cpu.onnx", names, threads), cached_reference, cases,
-                               names)
-        entry = {"precision": "fp32", "parity": figures["passed"], "figures": figures["worst"], **info,
+        report = compare("model.cpu.onnx", ort_runner(bundle / "model.cpu.onnx", names, threads), references, cases,
+                         names)
+        entry = {"precision": "fp32", "parity": report.passed, "figures": fp32_figures(report), **info,
                  "seconds": round(time.time() - started, 1)}
-        summary["model.cpu.onnx"] = {**entry, "comparisons": figures["comparisons"]}
+        summary["model.cpu.onnx"] = {**entry, "comparisons": report.to_json()["comparisons"]}
         variants["model.cpu.onnx"] = entry
-        _keep_or_drop(bundle, "model.cpu.onnx", figures["passed"], keep_failed, written)
+        _keep_or_drop(bundle, "model.cpu.onnx", report.passed, keep_failed, written)
 
         plans = []
         if int8 and dynamic:
@@ -336,9 +301,9 @@ def optimize_bundle(
                 say(f"writing {name} ({weights} weights: {weights_why}{kept})")
                 info = write(bundle / name, keep)
                 say(f"reduced-precision gate of {name}")
-                report = run_reduced_gate(name, ort_runner(bundle / name, names, threads), references, cases,
-                                          token_cosine=LOWP_TOKEN_COSINE, progress=say)
-                gate = gate_summary(report)
+                report = compare(name, ort_runner(bundle / name, names, threads), references, cases, names,
+                                 token_cosine=LOWP_TOKEN_COSINE, progress=say)
+                gate = reduced_figures(report)
                 if report.passed or keep_fp32 or tried:  # one retry, and only without the caller's own list
                     break
                 tried.append({"fp32_nodes_kept": len(keep), "figures": gate})
@@ -352,7 +317,7 @@ def optimize_bundle(
             if tried:
                 entry["failed_attempts"] = tried
             variants[name] = entry
-            summary[name] = {**entry, "comparisons": [c.__dict__ for c in report.comparisons]}
+            summary[name] = {**entry, "comparisons": report.to_json()["comparisons"]}
             _keep_or_drop(bundle, name, report.passed, keep_failed, written)
     finally:
         layout_src.unlink(missing_ok=True)
@@ -364,7 +329,7 @@ def optimize_bundle(
     if openvino:
         front_end = front_end_nodes(ensure_names(onnx.load(str(src), load_external_data=False)))
         engines, files = openvino_variants(
-            bundle, names, cases, references, threads, fp32_compare, gate_summary, say, keep_failed=keep_failed,
+            bundle, names, cases, references, threads, say, keep_failed=keep_failed,
             int8_windows=calibration_windows(rate, window, calibration_windows_count) if int8 else None,
             front_end=front_end)
         variants.update(engines)
@@ -376,8 +341,8 @@ def optimize_bundle(
         if stale not in written:  # e.g. --no-int8 after an earlier run: an unlisted file would fail verify
             manifest["files"].pop(stale, None)
             (bundle / stale).unlink(missing_ok=True)
-    bundle_io.write_json_atomic(bundle / bundle_io.MANIFEST, manifest)
-    merged = {**(manifest.get("variants") or {}), **variants}
+    write_json_atomic(bundle / bundle_io.MANIFEST, manifest)
+    merged = {**bundle_io.variants(manifest), **variants}
     manifest = bundle_io.add_files_to_manifest(bundle, written, variants=merged,
                                                optimize={k: {kk: vv for kk, vv in v.items() if kk != "comparisons"}
                                                          for k, v in summary.items()})

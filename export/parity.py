@@ -1,19 +1,23 @@
-"""The parity gate: ONNX Runtime against our PyTorch model, with a float64 run as the truth.
+"""Parity: the one comparator behind every gate (export, optimize's variants, build's engines).
 
-Thresholds (shared/DESIGN.md): fp32 per-token cosine >= 0.99999 and max abs <= 2e-3, widened
-per case and output to 5x PyTorch-fp32's own error against float64 where the audio puts the
-top mel bins at float32 rounding level. Reduced precision is judged on tokens (per-token
-cosine) and on mean-centred embeddings, never on raw embedding cosine alone.
+Thresholds: fp32 per-token cosine >= 0.99999 and max abs <= 2e-3, widened per case and output to 5x
+PyTorch-fp32's own error against float64 where the audio puts the top mel bins at float32 rounding
+level (any fp32 filterbank is that far from exact there). Reduced precision is judged on tokens
+(per-token cosine) and on mean-centred embeddings, never on raw embedding cosine alone: pooled
+embeddings of different clips are 0.99+ alike. Every gate returns a :class:`ParityReport`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from edgeenc.progress import Progress
+from edgeenc.runtime.backends import onnx_cpu_backend
 
 from .specs import EXPORT_SPECS
 
@@ -120,11 +124,13 @@ def parity_cases(arch: str, rate: int) -> list[ParityCase]:
     return cases
 
 
-def ort_runner(path, names: list[str], threads: int | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """The candidate the gates judge: the runtime's own ONNX Runtime CPU backend on `path`."""
-    from edgeenc.runtime.backends import OrtBackend
+Runner = Callable[[np.ndarray], dict[str, np.ndarray]]  # audio [batch, samples] -> outputs by name
+Floors = Mapping[tuple[str, str], tuple[float, float, float]]  # (case, output) -> PyTorch fp32 vs fp64 error
 
-    return OrtBackend(path, names, provider="CPUExecutionProvider", threads=threads).run
+
+def ort_runner(path, names: list[str], threads: int | None = None) -> Runner:
+    """The candidate the gates judge: the runtime's own ONNX Runtime CPU backend on `path`."""
+    return onnx_cpu_backend(path, names, threads).run
 
 
 def torch_outputs(graph: torch.nn.Module, audio: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
@@ -143,17 +149,93 @@ def limits(fp32_err: tuple[float, float, float] | None) -> tuple[float, float]:
     return max(FP32_MAX_ABS, FLOOR_FACTOR * max_abs), 1.0 - max(FP32_COSINE_GAP, FLOOR_FACTOR * (1.0 - cos))
 
 
+def compare(
+    variant: str,
+    run_candidate: Runner,
+    references: Mapping[str, dict[str, np.ndarray]],
+    cases: Iterable[ParityCase],
+    names: list[str],
+    *,
+    token_cosine: float | None = None,
+    floors: Floors | None = None,
+    progress: Progress | None = None,
+) -> ParityReport:
+    """The one comparator: `run_candidate` against `references` (outputs per case name) on every case.
+
+    Without `token_cosine`, the fp32 gate: every output in `names` within max abs and cosine limits, widened
+    per (case, output) by `floors` (PyTorch fp32's own error against fp64) where given. With `token_cosine`,
+    the reduced-precision gate: per-token cosine >= `token_cosine`, mean-centred embedding cosine, and the
+    same top-1 class on the real recording.
+    """
+    report = ParityReport(variant=variant, passed=True)
+    reference_embeddings, embeddings = [], []
+    for case in cases:
+        if progress:
+            progress(f"parity {variant} {case.name} {list(case.audio.shape)}")
+        got = run_candidate(case.audio)
+        if token_cosine is None:
+            _compare_fp32(report, case.name, got, references[case.name], names, floors or {})
+        else:
+            _compare_tokens(report, case.name, got, references[case.name], token_cosine)
+            reference_embeddings.append(references[case.name]["embedding"])
+            embeddings.append(got["embedding"])
+    if token_cosine is not None:
+        _compare_centred(report, reference_embeddings, embeddings)
+        report.notes.append(
+            "reference: fp32; embedding_centred subtracts the mean reference embedding of all parity cases "
+            "before the cosine (raw pooled embeddings of different clips are 0.99+ alike)"
+        )
+    report.summary = summarise(report)
+    return report
+
+
+def _add(report: ParityReport, comparison: Comparison) -> None:
+    report.comparisons.append(comparison)
+    report.passed &= comparison.passed
+
+
+def _compare_fp32(report: ParityReport, case: str, got: dict, ref: dict, names: list[str], floors: Floors) -> None:
+    for name in names:
+        floor = floors.get((case, name))
+        max_abs_limit, cos_limit = limits(floor)
+        max_abs, mean_abs, cos = error_stats(got[name], ref[name])
+        passed = max_abs <= max_abs_limit and cos >= cos_limit
+        _add(report, Comparison(case, name, list(got[name].shape), max_abs, mean_abs, cos, max_abs_limit, cos_limit,
+                                passed, floor[0] if floor else None, floor[2] if floor else None))
+
+
+def _compare_tokens(report: ParityReport, case: str, got: dict, ref: dict, token_cosine: float) -> None:
+    max_abs, mean_abs, cos = error_stats(got["tokens"], ref["tokens"])
+    _add(report, Comparison(case, "tokens", list(got["tokens"].shape), max_abs, mean_abs, cos, float("inf"),
+                            token_cosine, cos >= token_cosine))
+    if "logits" in ref and case == "real_recording":
+        same = bool(np.argmax(got["logits"], axis=1)[0] == np.argmax(ref["logits"], axis=1)[0])
+        max_abs, mean_abs, cos = error_stats(got["logits"], ref["logits"])
+        _add(report, Comparison(case, "logits_top1", list(got["logits"].shape), max_abs, mean_abs, cos,
+                                float("inf"), -1.0, same))
+
+
+def _compare_centred(report: ParityReport, references: list[np.ndarray], got: list[np.ndarray]) -> None:
+    ref_e, got_e = np.concatenate(references), np.concatenate(got)
+    centre = ref_e.mean(axis=0, keepdims=True)
+    max_abs, mean_abs, _ = error_stats(got_e, ref_e)
+    centred_cos = float(rowwise_cosine(got_e - centre, ref_e - centre).min())
+    _add(report, Comparison("all_cases", "embedding_centred", list(got_e.shape), max_abs, mean_abs, centred_cos,
+                            float("inf"), CENTRED_EMBEDDING_COSINE, centred_cos >= CENTRED_EMBEDDING_COSINE))
+
+
 def run_fp32_gate(
     loaded: LoadedModel,
-    run_candidate: Callable[[np.ndarray], dict[str, np.ndarray]],
+    run_candidate: Runner,
     names: list[str],
     cases: Iterable[ParityCase],
     *,
-    progress: Callable[[str], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[ParityReport, dict[str, dict[str, np.ndarray]]]:
-    """Compare `run_candidate` (e.g. ONNX Runtime) with PyTorch fp32; fp64 PyTorch sets the floor.
+    """Export's gate: `run_candidate` (ONNX Runtime on model.onnx) against PyTorch fp32, with PyTorch in
+    float64 as the truth that sets each (case, output)'s floor.
 
-    Returns the report and the PyTorch fp32 outputs per case (reference for reduced precision).
+    Returns the report and the PyTorch fp32 outputs per case (the reference for reduced precision).
     """
     import copy
 
@@ -161,94 +243,37 @@ def run_fp32_gate(
 
     graph32 = OnnxGraph(loaded.module.float().eval())
     graph64 = OnnxGraph(copy.deepcopy(loaded.module).double().eval())
-    report = ParityReport(variant="fp32", passed=True)
+    cases = list(cases)
+    references: dict[str, dict[str, np.ndarray]] = {}
+    floors: dict[tuple[str, str], tuple[float, float, float]] = {}
+    for case in cases:
+        if progress:
+            progress(f"PyTorch fp32 and fp64 on {case.name} {list(case.audio.shape)}")
+        references[case.name] = torch_outputs(graph32, case.audio, names)
+        ref64 = torch_outputs(graph64, case.audio.astype(np.float64), names)
+        floors.update({(case.name, name): error_stats(references[case.name][name], ref64[name]) for name in names})
+    report = compare("fp32", run_candidate, references, cases, names, floors=floors, progress=progress)
     report.notes.append(
         "reference: our PyTorch model in eval mode (avex parity is proven by the test suite against avex's "
         "golden outputs); truth: the same model in float64; limits widen to 5x PyTorch-fp32's own error"
     )
-    references: dict[str, dict[str, np.ndarray]] = {}
-    for case in cases:
-        if progress:
-            progress(f"parity {case.name} {list(case.audio.shape)}")
-        ref32 = torch_outputs(graph32, case.audio, names)
-        ref64 = torch_outputs(graph64, case.audio.astype(np.float64), names)
-        got = run_candidate(case.audio)
-        references[case.name] = ref32
-        for name in names:
-            floor = error_stats(ref32[name], ref64[name])
-            max_abs_limit, cos_limit = limits(floor)
-            max_abs, mean_abs, cos = error_stats(got[name], ref32[name])
-            passed = max_abs <= max_abs_limit and cos >= cos_limit
-            report.comparisons.append(
-                Comparison(
-                    case=case.name,
-                    output=name,
-                    shape=list(got[name].shape),
-                    max_abs=max_abs,
-                    mean_abs=mean_abs,
-                    min_cosine=cos,
-                    max_abs_limit=max_abs_limit,
-                    min_cosine_limit=cos_limit,
-                    passed=passed,
-                    torch_fp32_vs_fp64_max_abs=floor[0],
-                    torch_fp32_vs_fp64_min_cosine=floor[2],
-                )
-            )
-            report.passed &= passed
-    report.summary = summarise(report)
     return report, references
 
 
-def run_reduced_gate(
-    variant: str,
-    run_candidate: Callable[[np.ndarray], dict[str, np.ndarray]],
-    references: dict[str, dict[str, np.ndarray]],
-    cases: Iterable[ParityCase],
-    *,
-    token_cosine: float,
-    progress: Callable[[str], None] | None = None,
-) -> ParityReport:
-    """Reduced-precision gate: per-token cosine, mean-centred embedding cosine, same top-1 class."""
-    report = ParityReport(variant=variant, passed=True)
-    embeddings_ref, embeddings_got = [], []
-    for case in cases:
-        if progress:
-            progress(f"parity {variant} {case.name}")
-        got = run_candidate(case.audio)
-        ref = references[case.name]
-        max_abs, mean_abs, cos = error_stats(got["tokens"], ref["tokens"])
-        passed = cos >= token_cosine
-        report.comparisons.append(
-            Comparison(case.name, "tokens", list(got["tokens"].shape), max_abs, mean_abs, cos, float("inf"),
-                       token_cosine, passed)
-        )
-        report.passed &= passed
-        embeddings_ref.append(ref["embedding"])
-        embeddings_got.append(got["embedding"])
-        if "logits" in ref and case.name == "real_recording":
-            same = bool(np.argmax(got["logits"], axis=1)[0] == np.argmax(ref["logits"], axis=1)[0])
-            max_abs, mean_abs, cos = error_stats(got["logits"], ref["logits"])
-            report.comparisons.append(
-                Comparison(case.name, "logits_top1", list(got["logits"].shape), max_abs, mean_abs, cos,
-                           float("inf"), -1.0, same)
-            )
-            report.passed &= same
-    ref_e, got_e = np.concatenate(embeddings_ref), np.concatenate(embeddings_got)
-    centre = ref_e.mean(axis=0, keepdims=True)
-    max_abs, mean_abs, _ = error_stats(got_e, ref_e)
-    centred_cos = float(rowwise_cosine(got_e - centre, ref_e - centre).min())
-    passed = centred_cos >= CENTRED_EMBEDDING_COSINE
-    report.comparisons.append(
-        Comparison("all_cases", "embedding_centred", list(got_e.shape), max_abs, mean_abs, centred_cos,
-                   float("inf"), CENTRED_EMBEDDING_COSINE, passed)
-    )
-    report.passed &= passed
-    report.notes.append(
-        "reference: the fp32 PyTorch model; embedding_centred subtracts the mean reference embedding of all "
-        "parity cases before the cosine (raw pooled embeddings of different clips are 0.99+ alike)"
-    )
-    report.summary = summarise(report)
-    return report
+def fp32_figures(report: ParityReport) -> dict:
+    """What the manifest keeps of an fp32 gate: the worst max abs and cosine over every output."""
+    return {"max_abs": max((c.max_abs for c in report.comparisons), default=0.0),
+            "min_token_cosine": min((c.min_cosine for c in report.comparisons), default=1.0)}
+
+
+def reduced_figures(report: ParityReport) -> dict:
+    """What the manifest keeps of a reduced-precision gate."""
+    worst = report.summary.get("worst", {})
+    return {"passed": report.passed,
+            "min_token_cosine": worst.get("tokens", {}).get("min_cosine"),
+            "min_centred_embedding_cosine": worst.get("embedding_centred", {}).get("min_cosine"),
+            "token_max_abs": worst.get("tokens", {}).get("max_abs"),
+            "limits": {"token_cosine": LOWP_TOKEN_COSINE, "centred_embedding_cosine": CENTRED_EMBEDDING_COSINE}}
 
 
 def summarise(report: ParityReport) -> dict:

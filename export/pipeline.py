@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import torch
 
 from edgeenc import __version__
 from edgeenc.models.checkpoints import LoadedModel
+from edgeenc.progress import Progress
 from edgeenc.runtime import bundle as bundle_io
+from edgeenc.runtime.atomic import write_json_atomic
 
 from .onnx_export import DEFAULT_OPSET, export_onnx, output_names
 from .opcheck import op_report
-from .parity import FP16_TOKEN_COSINE, ParityReport, ort_runner, parity_cases, run_fp32_gate, run_reduced_gate
-
-Progress = Callable[[str], None]
+from .parity import FP16_TOKEN_COSINE, ParityReport, compare, ort_runner, parity_cases, run_fp32_gate
 
 
 @dataclass
@@ -88,21 +87,15 @@ def export_bundle(
 
         say("writing model.fp16.onnx (GEMMs fp16; front end, LayerNorm, softmax, pooling fp32)")
         convert_fp16(model, out / "model.fp16.onnx")
-        fp16_report = run_reduced_gate(
-            "fp16",
-            ort_runner(out / "model.fp16.onnx", names),
-            references,
-            cases,
-            token_cosine=FP16_TOKEN_COSINE,
-            progress=say,
-        )
+        fp16_report = compare("fp16", ort_runner(out / "model.fp16.onnx", names), references, cases, names,
+                              token_cosine=FP16_TOKEN_COSINE, progress=say)
         reports.append(fp16_report)
         variants["model.fp16.onnx"] = {"precision": "fp16", "parity": fp16_report.passed}
-    bundle_io.write_json_atomic(
+    write_json_atomic(
         out / bundle_io.PARITY, {"passed": all(r.passed for r in reports), "reports": [r.to_json() for r in reports]}
     )
     if loaded.labels:
-        bundle_io.write_json_atomic(out / bundle_io.LABELS, loaded.labels)
+        write_json_atomic(out / bundle_io.LABELS, loaded.labels)
     inputs, outputs = io_description(loaded)
     cfg = loaded.module.config
     from edgeenc.models.frontend import min_samples
@@ -151,7 +144,7 @@ def export_bundle(
     if spec.arch == "eat":
         manifest["notes"].append(
             "EAT normalisation uses avex 1.4.0's run-time values (-4.268, 4.569); the model yml's -5.553 / 4.606 "
-            "are dropped by avex's factory, so training likely used those (reference/avex-quirks.md Q2)"
+            "are dropped by avex's factory, so training likely used those"
         )
     manifest = bundle_io.write_manifest(out, manifest)
     return ExportResult(out, manifest, reports)

@@ -1,14 +1,14 @@
 """`edgeenc build`: a TensorRT engine for this GPU from a bundle, gated on parity with ONNX Runtime.
 
 Everything but `build_engine` needs no GPU and no tensorrt, so CI tests it: the profile, the
-precision plan, and through runtime/engines.py (the rules the runtime loads by) engine names,
-sidecar matching and refusal messages. The build follows shared/reference/tensorrt-jetson.md:
+precision plan, and through the backends' TensorRT engine-file rules (the rules the runtime loads by)
+engine names, sidecar matching and refusal messages. The build (docs/jetson.md has the sources):
 
 - fp16 on TensorRT >= 10: a STRONGLY_TYPED network from model.fp16.onnx, whose Casts keep the
   front end, LayerNorm, softmax and pooling in fp32 (export/fp16.py);
 - fp16 on TensorRT 8.6 (JetPack 6.0, no strong typing): weak typing from model.onnx with the
   FP16 flag, every fp32 node of `precision_plan` pinned (layer.precision + set_output_type) and
-  OBEY_PRECISION_CONSTRAINTS. Myelin fusion can override pins (§2.2): the parity gate decides;
+  OBEY_PRECISION_CONSTRAINTS. Myelin fusion can override pins: the parity gate decides;
 - TF32 cleared in every build (fp32 and fp16): it would round the front end's DFT MatMul to 10 bits;
 - one timing cache per device and TensorRT version in BUNDLE/engines/, reused by every build.
 
@@ -28,13 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgeenc import __version__
+from edgeenc.hashing import sha256_file
+from edgeenc.progress import Progress
 from edgeenc.runtime import bundle as bundle_io
-from edgeenc.runtime.engines import (
+from edgeenc.runtime.atomic import atomic_path, write_json_atomic
+from edgeenc.runtime.backends import (
     ENGINES_DIR,
     Profile,
+    TensorRTBackend,
     TensorRTUnavailable,
     device_key,
     engine_file_name,
+    gpu_identity,
+    onnx_cpu_backend,
+    require_tensorrt,
+    tensorrt_version,
 )
 
 PRECISIONS = ("fp16", "fp32")
@@ -43,8 +51,6 @@ DEFAULT_MAX_SECONDS = 30.0
 DEFAULT_WORKSPACE_GB = 2.0  # TensorRT's default is all device memory: on a Jetson, the system's RAM
 SIDECAR_FORMAT = 1
 CRITICAL_LAYER_MARKS = ("LayerNormalization", "Softmax", "ReduceMean", "/fbank/")
-
-Progress = Callable[[str], None]
 
 
 class BuildError(RuntimeError):
@@ -162,32 +168,20 @@ def engine_parity(bundle: Path, manifest: dict, run_engine: Callable, precision:
                   progress: Progress | None = None):
     """The engine against ONNX Runtime fp32 (CPU, model.onnx) on the export's parity cases fitted to the
     profile: fp16 with the reduced-precision gate, fp32 with the fp32 limits and the export's fp64 floors."""
-    from edgeenc.runtime.backends import OrtBackend
-
     from . import parity
 
-    names = [o["name"] for o in manifest["outputs"]]
+    names = bundle_io.output_names(manifest)
     cases, notes = fit_cases(parity.parity_cases(manifest["architecture"], int(manifest["sample_rate"])), profile)
     if not cases:
         raise ValueError(f"no parity case fits the profile ({profile.describe()})")
-    reference = OrtBackend(Path(bundle) / "model.onnx", names, provider="CPUExecutionProvider")
+    reference = onnx_cpu_backend(Path(bundle) / "model.onnx", names)
     references = {case.name: reference.run(case.audio) for case in cases}
     if precision == "fp16":
-        report = parity.run_reduced_gate("tensorrt-fp16", run_engine, references, cases,
-                                         token_cosine=parity.FP16_TOKEN_COSINE, progress=progress)
+        report = parity.compare("tensorrt-fp16", run_engine, references, cases, names,
+                                token_cosine=parity.FP16_TOKEN_COSINE, progress=progress)
     else:
-        floors = _fp32_floors(bundle)
-        report = parity.ParityReport(variant="tensorrt-fp32", passed=True)
-        for case in cases:
-            got = run_engine(case.audio)
-            for name in names:
-                max_abs_limit, cos_limit = parity.limits(floors.get((case.name, name)))
-                max_abs, mean_abs, cos = parity.error_stats(got[name], references[case.name][name])
-                passed = max_abs <= max_abs_limit and cos >= cos_limit
-                report.comparisons.append(parity.Comparison(case.name, name, list(got[name].shape), max_abs,
-                                                            mean_abs, cos, max_abs_limit, cos_limit, passed))
-                report.passed &= passed
-        report.summary = parity.summarise(report)
+        report = parity.compare("tensorrt-fp32", run_engine, references, cases, names, floors=_fp32_floors(bundle),
+                                progress=progress)
     report.notes = [f"reference: {reference.description} (fp32)", *notes, *report.notes]
     reference.close()
     return report
@@ -211,8 +205,6 @@ def network_typing(trt) -> str:
     whether or not its STRONGLY_TYPED flag is still there. 9.x / 10.x: strong when the flag exists.
     8.6 (JetPack 6.0) has no strong typing (NVIDIA/TensorRT@release/8.6:include/NvInfer.h).
     """
-    from edgeenc.runtime.tensorrt_backend import tensorrt_version
-
     if tensorrt_version(trt)[0] >= 11 or hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
         return "strong"
     return "weak"
@@ -235,7 +227,7 @@ def _build_source(bundle: Path, manifest: dict, precision: str, trt) -> Iterator
     fp16_file = bundle / "model.fp16.onnx"
 
     def checked_sha(name: str) -> str:
-        digest = bundle_io.sha256_file(bundle / name)
+        digest = sha256_file(bundle / name)
         if manifest.get("files", {}).get(name, {}).get("sha256") not in (None, digest):
             raise BuildError(f"{bundle / name} changed since export (sha256 differs from the manifest); re-export")
         return digest
@@ -244,7 +236,7 @@ def _build_source(bundle: Path, manifest: dict, precision: str, trt) -> Iterator
         yield _Source(bundle / "model.onnx", "model.onnx", checked_sha("model.onnx"), "strong" if strong else "weak")
         return
     if strong and fp16_file.is_file():
-        notes = [] if manifest.get("variants", {}).get("model.fp16.onnx", {}).get("parity") else [
+        notes = [] if bundle_io.gated(bundle_io.variant_entry(manifest, "model.fp16.onnx")) else [
             "model.fp16.onnx failed its ONNX Runtime gate at export; the engine's own gate decides"]
         yield _Source(fp16_file, fp16_file.name, checked_sha(fp16_file.name), "strong", notes=notes)
         return
@@ -338,8 +330,6 @@ def _build_serialized(trt, source: _Source, profile: Profile, workspace_gb: floa
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    from edgeenc.runtime.writers import atomic_path
-
     with atomic_path(path) as staged:
         Path(staged).write_bytes(data)
 
@@ -358,16 +348,14 @@ def build_engine(bundle: Path, *, precision: str = "fp16", profile: Profile | No
 
     Raises TensorRTUnavailable at once when tensorrt, cuda-python or a GPU is missing.
     """
-    from edgeenc.runtime import tensorrt_backend as trt_rt
-
-    trt, cudart = trt_rt.require_tensorrt()
+    trt, cudart = require_tensorrt()
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     say = progress or (lambda _msg: None)
     bundle = Path(bundle)
     manifest = bundle_io.read_manifest(bundle)
     profile = profile or compute_profile(manifest)
-    gpu = trt_rt.gpu_identity(cudart)
+    gpu = gpu_identity(cudart)
     (bundle / ENGINES_DIR).mkdir(exist_ok=True)
     cache = bundle / ENGINES_DIR / f"timing.{device_key(gpu['name'], gpu['compute_capability'], trt.__version__)}.cache"
     started = time.time()
@@ -380,8 +368,8 @@ def build_engine(bundle: Path, *, precision: str = "fp16", profile: Profile | No
     staged = bundle / ENGINES_DIR / f".{name}.tmp"
     staged.write_bytes(plan_bytes)
     say(f"built in {build_seconds:g} s; checking parity against ONNX Runtime fp32")
-    backend = trt_rt.TensorRTBackend(staged, [o["name"] for o in manifest["outputs"]], profile.sample_rate,
-                                     sidecar={"precision": precision, "gpu": gpu}, bundle=bundle)
+    backend = TensorRTBackend(staged, bundle_io.output_names(manifest), profile.sample_rate,
+                              sidecar={"precision": precision, "gpu": gpu}, bundle=bundle)
     try:
         layers = layer_summary(backend.layer_information(profile.opt_shape))
         report = engine_parity(bundle, manifest, backend.run, precision, profile, progress=say)
@@ -390,7 +378,7 @@ def build_engine(bundle: Path, *, precision: str = "fp16", profile: Profile | No
     engine = bundle / ENGINES_DIR / (name if report.passed else name.replace(".engine", ".rejected.engine"))
     os.replace(staged, engine)
     data = {
-        "format": SIDECAR_FORMAT, "engine": engine.name, "engine_sha256": bundle_io.sha256_file(engine),
+        "format": SIDECAR_FORMAT, "engine": engine.name, "engine_sha256": sha256_file(engine),
         "engine_bytes": engine.stat().st_size, "precision": precision, "typing": source.typing, "tf32": False,
         "tensorrt_version": trt.__version__, "gpu": gpu, "profile": profile.to_json(),
         "source_onnx": source.name, "source_onnx_sha256": source.sha256, "model_id": manifest.get("model_id"),
@@ -400,7 +388,7 @@ def build_engine(bundle: Path, *, precision: str = "fp16", profile: Profile | No
         "edgeenc_version": __version__, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     sidecar = engine.with_suffix(".json")
-    bundle_io.write_json_atomic(sidecar, data)
+    write_json_atomic(sidecar, data)
     if report.passed:
         entry = {"precision": precision, "gpu": gpu["name"], "compute_capability": gpu["compute_capability"],
                  "tensorrt": trt.__version__, "profile": profile.to_json(), "sidecar": sidecar.name}

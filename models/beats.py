@@ -1,4 +1,4 @@
-"""BEATs as avex 1.4.0 runs ESP's checkpoints (shared/reference/beats.md), written for export.
+"""BEATs as avex 1.4.0 runs ESP's checkpoints, written for export.
 
 Post-LayerNorm transformer with DeepNorm residual scaling, a convolutional positional embedding
 and a gated, bucketed relative-position bias shared by all layers. Everything that does not

@@ -1,8 +1,8 @@
 """Read ESP checkpoints, normalise their key spellings, and load them STRICTLY.
 
 avex loads with ``strict=False`` and logs the result at INFO, which hides a classifier left at
-random init and (for eat_all / eat_bio) a model that loaded none of the file's tensors
-(reference/checkpoints.md §5). Here every tensor the model needs must be in the file with the
+random init and (for eat_all / eat_bio) a model that loaded none of the file's tensors.
+Here every tensor the model needs must be in the file with the
 right shape, and every tensor in the file must be used or be one we know is unused (BEATs'
 AudioSet ``predictor``, stored filterbank buffers, fairseq pretraining decoders).
 """

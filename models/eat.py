@@ -1,4 +1,4 @@
-"""EAT as avex 1.4.0 runs ESP's checkpoints (shared/reference/eat.md), written for export.
+"""EAT as avex 1.4.0 runs ESP's checkpoints, written for export.
 
 A ViT over the fixed 1024 x 128 log-mel image: 16 x 16 patches, a frozen 2-D sin-cos table
 (loaded from the checkpoint, never recomputed: float64 rebuilds differ by 6e-5), a CLS token

@@ -1,7 +1,6 @@
 """Kaldi-compatible log-mel filterbank in export-friendly ops.
 
-Reproduces ``torchaudio.compliance.kaldi.fbank`` as BEATs and EAT call it (see
-shared/reference/beats.md §2 and eat.md §2) using only slicing, concatenation, matmul and
+Reproduces ``torchaudio.compliance.kaldi.fbank`` as BEATs and EAT call it using only slicing, concatenation, matmul and
 elementwise ops, so that ONNX Runtime, TensorRT and a C++ caller all run the same graph: no
 STFT/DFT op, no per-sample Python loop, every step in float32 (float64 when the whole module
 is cast to double for the parity truth).
@@ -47,7 +46,7 @@ class FbankConfig:
 
 BEATS_FBANK = FbankConfig()
 # avex 1.4.0 runs EAT with its constructor defaults -4.268 / 4.569: the yml's -5.553 / 4.606
-# are dropped by its factory (reference/avex-quirks.md Q2). We reproduce what avex runs.
+# are dropped by its factory. We reproduce what avex runs.
 EAT_FBANK = FbankConfig(
     window="hanning", scale=1.0, clip_dc=True, norm_mean=-4.268, norm_std=4.569, target_frames=1024
 )

@@ -1,4 +1,4 @@
-"""Every ESP BEATs and EAT model id that avex 1.4.0 knows (shared/reference/checkpoints.md §2)."""
+"""Every ESP BEATs and EAT model id that avex 1.4.0 knows."""
 
 from __future__ import annotations
 

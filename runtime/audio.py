@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
 import soxr
 
-__all__ = ["AUDIO_SUFFIXES", "AudioError", "AudioInfo", "probe", "iter_blocks", "load"]
+__all__ = ["AUDIO_SUFFIXES", "AudioError", "AudioInfo", "probe", "iter_blocks", "load", "walk_audio", "audio_files"]
 
-# What folder walks (embed, classify, watch) pick up: the container formats libsndfile reads.
+# What folder walks (embed, classify, watch, Ray) pick up: the container formats libsndfile reads.
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".mp3", ".aif", ".aiff", ".au", ".w64", ".rf64", ".caf", ".opus")
 
 # libsndfile logs "data : <declared> (should be <available>)" when a chunk runs past the end of file.
@@ -260,3 +261,41 @@ def load(
     if not blocks:
         return np.zeros(0, dtype=np.float32)
     return np.concatenate(blocks)
+
+
+def walk_audio(folder: str | os.PathLike[str], on_error: Callable[[str, OSError], None] | None = None
+               ) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, stat) of every audio file under ``folder``, recursively, in sorted path order.
+
+    Names starting with "." are skipped, files and folders alike: recorders' temporaries, macOS "._"
+    resource forks and ``.Trashes`` on exFAT cards. Links to files are followed, links to folders are not
+    (no loops). A folder that cannot be listed is passed to ``on_error`` and skipped; a file that vanishes
+    between listing and stat is skipped.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as exc:
+        if on_error is not None:
+            on_error(os.fspath(folder), exc)
+        return
+    for entry in entries:
+        if entry.name.startswith("."):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                yield from walk_audio(entry.path, on_error)
+            elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in AUDIO_SUFFIXES:
+                yield entry.path, entry.stat()
+        except OSError:
+            continue  # vanished between listing and stat
+
+
+def audio_files(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Files as given, and every audio file under the given folders (see :func:`walk_audio`)."""
+    found: list[str] = []
+    for source in map(Path, sources):  # names as pathlib writes them ("./a//b.wav" -> "a/b.wav")
+        if source.is_dir():
+            found.extend(path for path, _ in walk_audio(source))
+        else:
+            found.append(str(source))
+    return found

@@ -8,17 +8,20 @@ info` and the runtime read and verify bundles with the standard library alone.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 from edgeenc.hashing import sha256_file
 
-from .writers import atomic_text
+from .atomic import write_json_atomic
 
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
 LABELS = "labels.json"
 MANIFEST_FORMAT = 1
+OPENVINO_PREFIX = "openvino:"
+ENGINES = ("onnxruntime", "openvino")  # the CPU engines a variant runs on
 
 
 class BundleError(ValueError):
@@ -68,12 +71,6 @@ class Manifest(TypedDict, total=False):
     versions: dict[str, str]     # edgeenc, torch, onnx, onnxruntime, python at export
     export_seconds: float
     files: dict[str, FileEntry]  # every file of the bundle but the manifest, with its sha256
-
-
-def write_json_atomic(path: Path, data: object) -> None:
-    with atomic_text(path) as fh:
-        json.dump(data, fh, indent=1, sort_keys=False)
-        fh.write("\n")
 
 
 def bundle_files(bundle: Path) -> list[str]:
@@ -132,6 +129,18 @@ def verify_bundle(bundle: Path, manifest: Manifest | None = None) -> list[str]:
     return problems
 
 
+def bundle_identity(bundle: Path, manifest: Manifest) -> tuple[str, str]:
+    """(model_id, bundle hash): the hash is model.onnx's sha256 as the manifest records it. Results stores and
+    archive shards are bound to it, so that embeddings of different bundles are never mixed."""
+    entry = manifest.get("files", {}).get("model.onnx")
+    if entry and entry.get("sha256"):
+        return str(manifest.get("model_id")), str(entry["sha256"])
+    onnx = Path(bundle) / "model.onnx"
+    if not onnx.is_file():
+        raise BundleError(f"{bundle}: no model.onnx to identify the bundle by")
+    return str(manifest.get("model_id")), sha256_file(onnx)
+
+
 def add_files_to_manifest(bundle: Path, names: list[str], **fields: Any) -> Manifest:
     """Hash files added after export (engines, optimised variants) into the manifest."""
     bundle = Path(bundle)
@@ -141,3 +150,72 @@ def add_files_to_manifest(bundle: Path, names: list[str], **fields: Any) -> Mani
     manifest.update(fields)
     write_json_atomic(bundle / MANIFEST, manifest)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------- accessors
+
+
+def output_names(manifest: Manifest, *, tokens: bool = True) -> list[str]:
+    """The graph's outputs in order (tokens, embedding[, logits]); without `tokens` what the runtime keeps per
+    window (the token grid is for parity checks, not for users)."""
+    return [o["name"] for o in manifest["outputs"] if tokens or o["name"] != "tokens"]
+
+
+def has_classifier(manifest: Manifest) -> bool:
+    return "logits" in output_names(manifest)
+
+
+def variants(manifest: Manifest) -> dict[str, dict[str, Any]]:
+    """manifest["variants"]: every variant `export` and `optimize` tried, passed or not (empty for old bundles)."""
+    return manifest.get("variants") or {}
+
+
+def variant_entry(manifest: Manifest, key: str | VariantKey) -> dict[str, Any]:
+    """The entry of one variant, or {} when the bundle has none of that name."""
+    return variants(manifest).get(str(key)) or {}
+
+
+def gated(entry: dict[str, Any]) -> bool:
+    """Whether a variant entry passed its quality gate (only those are ever run)."""
+    return bool(entry.get("parity"))
+
+
+@dataclass(frozen=True)
+class VariantKey:
+    """A key of manifest["variants"]: an ONNX Runtime file of the bundle ("model.int8dyn.onnx") or an OpenVINO
+    precision of model.onnx ("openvino:bf16")."""
+
+    engine: str  # one of ENGINES
+    name: str  # the ONNX file for ONNX Runtime, the precision for OpenVINO
+
+    @classmethod
+    def parse(cls, key: str | VariantKey) -> VariantKey:
+        if isinstance(key, VariantKey):
+            return key
+        if key.startswith(OPENVINO_PREFIX):
+            return cls("openvino", key[len(OPENVINO_PREFIX):])
+        return cls("onnxruntime", key)
+
+    @classmethod
+    def onnxruntime(cls, variant: str) -> VariantKey:
+        """The file of a user's `--variant` name: "fp32" is model.onnx, "int8dyn" model.int8dyn.onnx."""
+        return cls("onnxruntime", "model.onnx" if variant == "fp32" else f"model.{variant}.onnx")
+
+    @classmethod
+    def openvino(cls, precision: str) -> VariantKey:
+        return cls("openvino", precision)
+
+    @property
+    def short(self) -> str:
+        """The name `--variant` takes: "int8dyn" for model.int8dyn.onnx, "fp32" for model.onnx, "bf16" for
+        OpenVINO's bf16."""
+        if self.engine == "openvino":
+            return self.name
+        return "fp32" if self.name == "model.onnx" else self.name[len("model."):-len(".onnx")]
+
+    def file(self, entry: dict[str, Any] | None = None) -> str:
+        """The bundle file the engine reads: the key itself for ONNX Runtime, the entry's source for OpenVINO."""
+        return (entry or {}).get("source", "model.onnx") if self.engine == "openvino" else self.name
+
+    def __str__(self) -> str:
+        return OPENVINO_PREFIX + self.name if self.engine == "openvino" else self.name

@@ -9,19 +9,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from .audio import AudioError, iter_blocks
-from .backend_protocol import Backend, BackendUnavailable
-from .backends import brief_log, select_backend
-from .bundle import BundleError, read_manifest, verify_bundle
-from .windows import Window, WindowBatcher, iter_windows
+from .backends import Backend, BackendUnavailable, brief_log, import_onnxruntime, select_backend
+from .bundle import BundleError, has_classifier, output_names, read_manifest, verify_bundle
+from .scores import NoClassifierHead, ScoreOptions, detections
+from .windows import Window, WindowBatcher, WindowOptions, iter_windows
 from .writers import ClassRow
 
-ACTIVATIONS = ("softmax", "sigmoid")
+_SCORE_FIELDS = {f.name for f in fields(ScoreOptions)}
 
 
 @dataclass
@@ -57,19 +57,7 @@ class _Pending:
     error: str | None = None
 
 
-def scores(logits: np.ndarray, activation: str = "softmax") -> np.ndarray:
-    if activation == "softmax":
-        shifted = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(shifted)
-        return e / e.sum(axis=1, keepdims=True)
-    if activation == "sigmoid":
-        return 1.0 / (1.0 + np.exp(-logits))
-    raise ValueError(f"unknown activation {activation!r}; choose {' or '.join(ACTIVATIONS)}")
-
-
 def _manifest_from_onnx(path: Path) -> dict:
-    from .backends import import_onnxruntime
-
     ort = import_onnxruntime()
     meta = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
     if "sample_rate" not in meta:
@@ -105,7 +93,7 @@ class Encoder:
         self.window_seconds = float(manifest["window_seconds"])
         self.min_samples = int(manifest.get("min_samples", 1))
         self.embedding_dim = int(manifest["embedding_dim"])
-        self.output_names = [o["name"] for o in manifest["outputs"] if o["name"] in ("embedding", "logits")]
+        self.output_names = output_names(manifest, tokens=False)
 
     @classmethod
     def load(
@@ -116,12 +104,12 @@ class Encoder:
         threads: int | None = None,
         verify: bool = True,
         variant: str | None = None,
-        engine: str | None = None,
+        cpu_engine: str | None = None,
     ) -> Encoder:
         """Open a bundle folder (or a bare model.onnx with edgeenc metadata).
 
         `variant` picks a gated reduced-precision CPU file, e.g. "int8dyn" for model.int8dyn.onnx;
-        `engine` ("onnxruntime" or "openvino") the CPU engine (with `variant`: its "fp32" or "bf16").
+        `cpu_engine` ("onnxruntime" or "openvino") the CPU engine (with `variant`: its "fp32" or "bf16").
         Without them the CPU runs the bundle's timed default (`edgeenc optimize`).
         """
         path = Path(bundle_dir)
@@ -135,14 +123,14 @@ class Encoder:
                 if problems:
                     raise BundleError(f"{bundle}: " + "; ".join(problems) + " (re-export the bundle)")
         labels = None
-        if int(manifest.get("num_classes") or 0):
+        if has_classifier(manifest):
             labels_path = bundle / "labels.json"
             labels = json.loads(labels_path.read_text()) if labels_path.is_file() else None
             if labels is None:
                 labels = [f"class_{i}" for i in range(int(manifest["num_classes"]))]
-        names = [o["name"] for o in manifest["outputs"] if o["name"] in ("embedding", "logits")]
         skipped: list[BackendUnavailable] = []
-        backend, log = select_backend(bundle, manifest, names, device, threads, variant, skipped, engine=engine)
+        backend, log = select_backend(bundle, manifest, output_names(manifest, tokens=False), device, threads,
+                                      variant, skipped, cpu_engine=cpu_engine)
         return cls(bundle, manifest, backend, labels, log, brief_log(log, skipped))
 
     @property
@@ -159,27 +147,26 @@ class Encoder:
             "sample_rate": str(self.sample_rate),
         }
 
-    def _windows(self, blocks: Iterable[np.ndarray], window: float | None, hop: float | None, last: str):
-        return iter_windows(
-            blocks, self.sample_rate, window or self.window_seconds, hop, min_samples=self.min_samples, last=last
-        )
+    def require_classifier(self) -> None:
+        """Raise :class:`NoClassifierHead` (a ValueError) unless the bundle's model has a classifier head."""
+        if "logits" not in self.output_names:
+            raise NoClassifierHead(self.manifest.get("model_id"))
 
-    def run_batch(self, samples: np.ndarray) -> dict[str, np.ndarray]:
-        if not np.all(np.isfinite(samples)):
-            raise ValueError("audio contains NaN or infinite samples")
-        return self.backend.run(samples)
+    def run_batch(self, samples: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run equal-length windows [n, samples] at the model's rate; rows with NaN or infinite samples are not
+        run. Returns the indices of the rows that ran and their outputs (embedding[, logits]) in that order."""
+        ran = np.flatnonzero(np.isfinite(samples).all(axis=1))
+        if not len(ran):
+            return ran, {}
+        return ran, self.backend.run(samples[ran])
 
-    def embed(
-        self,
-        samples: np.ndarray,
-        sample_rate: int,
-        *,
-        window_seconds: float | None = None,
-        hop_seconds: float | None = None,
-        last: str = "auto",
-        batch_size: int = 8,
-    ) -> EmbeddingResult:
-        """Embed an in-memory mono (or [n, channels], averaged) signal, resampled to the model's rate."""
+    def embed(self, samples: np.ndarray, sample_rate: int, options: WindowOptions | None = None,
+              **window_fields) -> EmbeddingResult:
+        """Embed an in-memory mono (or [n, channels], averaged) signal, resampled to the model's rate.
+
+        `options` (or keyword fields of :class:`WindowOptions`, e.g. ``last="short"``) say how it is cut.
+        """
+        options = (options or WindowOptions()).updated(**window_fields)
         audio = np.asarray(samples, dtype=np.float32)
         if audio.ndim == 2:
             audio = audio.mean(axis=1)
@@ -191,118 +178,86 @@ class Encoder:
             audio = soxr.resample(audio, sample_rate, self.sample_rate, quality="HQ").astype(np.float32)
         if len(audio) < self.min_samples:
             raise ValueError(f"{len(audio)} samples is shorter than the model's minimum of {self.min_samples}")
-        outcome = next(iter(self._run_files([("<array>", [audio])], window_seconds, hop_seconds, last, batch_size)))
+        outcome = next(iter(self._run_files([("<array>", [audio])], options)))
         if outcome.error:
             raise ValueError(outcome.error)
         assert outcome.result is not None
         outcome.result.file = None
         return outcome.result
 
-    def classify(
-        self,
-        samples: np.ndarray,
-        sample_rate: int,
-        *,
-        top_k: int = 5,
-        threshold: float | None = None,
-        activation: str = "softmax",
-        **window_options,
-    ) -> list[ClassRow]:
-        """Top-k labels with scores for each window of an in-memory signal."""
-        self._require_classifier()
-        result = self.embed(samples, sample_rate, **window_options)
-        return top_k_rows(result, self.labels or [], top_k=top_k, threshold=threshold, activation=activation)
+    def classify(self, samples: np.ndarray, sample_rate: int, scoring: ScoreOptions | None = None,
+                 options: WindowOptions | None = None, **fields) -> list[ClassRow]:
+        """Top-k labels with scores for each window of an in-memory signal (keyword fields of
+        :class:`ScoreOptions` and :class:`WindowOptions` are accepted too, e.g. ``top_k=3``)."""
+        self.require_classifier()
+        scoring, window_fields = _score_options(scoring, fields)
+        return top_k_rows(self.embed(samples, sample_rate, options, **window_fields), self.labels, scoring)
 
-    def classify_file(
-        self,
-        path: str | os.PathLike,
-        *,
-        top_k: int = 5,
-        threshold: float | None = None,
-        activation: str = "softmax",
-        **options,
-    ) -> list[ClassRow]:
-        self._require_classifier()
-        result = self.embed_file(path, **options)
-        return top_k_rows(result, self.labels or [], top_k=top_k, threshold=threshold, activation=activation)
+    def classify_file(self, path: str | os.PathLike, scoring: ScoreOptions | None = None,
+                      options: WindowOptions | None = None, **fields) -> list[ClassRow]:
+        self.require_classifier()
+        scoring, window_fields = _score_options(scoring, fields)
+        return top_k_rows(self.embed_file(path, options, **window_fields), self.labels, scoring)
 
-    def _require_classifier(self) -> None:
-        if "logits" not in self.output_names:
-            raise ValueError(
-                f"{self.manifest.get('model_id')} has no classifier head: use `edgeenc embed` for embeddings"
-            )
-
-    def embed_file(self, path: str | os.PathLike, *, channel: int | None = None, **kwargs) -> EmbeddingResult:
+    def embed_file(self, path: str | os.PathLike, options: WindowOptions | None = None,
+                   **window_fields) -> EmbeddingResult:
         """Embed one recording; raises AudioError for unreadable or bad audio."""
-        outcome = next(iter(self.embed_files([path], channel=channel, **kwargs)))
+        outcome = next(iter(self.embed_files([path], options, **window_fields)))
         if outcome.error:
             raise AudioError(outcome.path, outcome.error)
         assert outcome.result is not None
         return outcome.result
 
-    def embed_files(
-        self,
-        paths: Sequence[str | os.PathLike],
-        *,
-        channel: int | None = None,
-        window_seconds: float | None = None,
-        hop_seconds: float | None = None,
-        last: str = "auto",
-        batch_size: int = 8,
-    ) -> Iterator[FileOutcome]:
+    def embed_files(self, paths: Sequence[str | os.PathLike], options: WindowOptions | None = None,
+                    **window_fields) -> Iterator[FileOutcome]:
         """Embed many recordings, batching windows across files; one outcome per file, in order.
 
         A bad file yields an outcome with `error` set; the others still complete.
         """
-        sources = ((str(p), iter_blocks(p, self.sample_rate, channel=channel)) for p in paths)
-        yield from self._run_files(sources, window_seconds, hop_seconds, last, batch_size)
+        options = (options or WindowOptions()).updated(**window_fields)
+        sources = ((str(p), iter_blocks(p, self.sample_rate, channel=options.channel)) for p in paths)
+        yield from self._run_files(sources, options)
 
-    def embed_streams(
-        self,
-        streams: Iterable[tuple[str, Iterable[np.ndarray]]],
-        *,
-        window_seconds: float | None = None,
-        hop_seconds: float | None = None,
-        last: str = "short",
-        batch_size: int = 8,
-    ) -> Iterator[FileOutcome]:
+    def embed_streams(self, streams: Iterable[tuple[str, Iterable[np.ndarray]]],
+                      options: WindowOptions) -> Iterator[FileOutcome]:
         """`embed_files` over (name, mono blocks at the model's rate) pairs, such as ranges of long files.
 
         Times are relative to each stream's first sample; an AudioError from a stream fails only that one.
         """
-        yield from self._run_files(streams, window_seconds, hop_seconds, last, batch_size)
+        yield from self._run_files(streams, options)
 
-    def _run_files(self, sources, window_seconds, hop_seconds, last, batch_size) -> Iterator[FileOutcome]:
-        batcher = WindowBatcher(batch_size)
+    def _run_files(self, sources, options: WindowOptions) -> Iterator[FileOutcome]:
+        batcher = WindowBatcher(options.batch_size)
+        window_seconds = options.window_seconds or self.window_seconds
         pending: list[_Pending] = []
 
         def run(batches) -> None:
             for batch in batches:
                 live = [i for i, (file_index, _) in enumerate(batch.keys) if file_index >= offset]
                 items = {i: pending[batch.keys[i][0] - offset] for i in live}
-                # A non-finite window fails its own file only; the rest of the batch still runs.
-                finite = np.isfinite(batch.samples).all(axis=1)
-                for i in live:
-                    if not finite[i]:
-                        items[i].error = items[i].error or "audio contains NaN or infinite samples"
-                rows = [i for i in live if finite[i] and items[i].error is None]
+                rows = [i for i in live if items[i].error is None]
                 if not rows:
                     continue
                 try:
-                    outputs = self.backend.run(batch.samples[rows])
+                    ran, outputs = self.run_batch(batch.samples[rows])
                 except Exception as exc:  # a backend failure must cost only the files in this batch
                     for i in rows:
                         items[i].error = items[i].error or f"inference failed: {type(exc).__name__}: {exc}"
                     continue
-                for out_row, i in enumerate(rows):
-                    items[i].outputs[batch.keys[i][1]] = {k: v[out_row] for k, v in outputs.items()}
+                # A non-finite window fails its own file only; the rest of the batch still ran.
+                for i in set(rows) - {rows[j] for j in ran}:
+                    items[i].error = items[i].error or "audio contains NaN or infinite samples"
+                for out_row, j in enumerate(ran):
+                    items[rows[j]].outputs[batch.keys[rows[j]][1]] = {k: v[out_row] for k, v in outputs.items()}
 
         offset = 0
         for file_index, (path, blocks) in enumerate(sources):
             item = _Pending(path)
             pending.append(item)
             try:
-                for window_index, window in enumerate(self._windows(blocks, window_seconds, hop_seconds, last)):
+                windows = iter_windows(blocks, self.sample_rate, window_seconds, options.hop_seconds,
+                                       min_samples=self.min_samples, last=options.last)
+                for window_index, window in enumerate(windows):
                     item.windows.append(Window(window.start_seconds, window.end_seconds, np.empty(0, np.float32)))
                     run(batcher.add((file_index, window_index), window))
                 if not item.windows:
@@ -319,6 +274,13 @@ class Encoder:
         run(batcher.flush())
         for item in pending:
             yield _finish(item, self)
+
+
+def _score_options(scoring: ScoreOptions | None, fields: dict) -> tuple[ScoreOptions, dict]:
+    """`scoring` updated by the ScoreOptions fields among keyword `fields`, and the rest (window fields)."""
+    mine = {k: v for k, v in fields.items() if k in _SCORE_FIELDS}
+    scoring = replace(scoring or ScoreOptions(), **mine)
+    return scoring, {k: v for k, v in fields.items() if k not in _SCORE_FIELDS}
 
 
 def _complete(item: _Pending) -> bool:
@@ -339,24 +301,9 @@ def _finish(item: _Pending, encoder: Encoder) -> FileOutcome:
     return FileOutcome(item.path, EmbeddingResult(item.path, starts, ends, emb, logits), audio_seconds=seconds)
 
 
-def top_k_rows(
-    result: EmbeddingResult,
-    labels: Sequence[str],
-    *,
-    top_k: int = 5,
-    threshold: float | None = None,
-    activation: str = "softmax",
-) -> list[ClassRow]:
-    """Top-k labels per window, keeping only scores >= threshold when given."""
+def top_k_rows(result: EmbeddingResult, labels: Sequence[str] | None, scoring: ScoreOptions) -> list[ClassRow]:
+    """The kept labels of every window of `result` as table rows (see :func:`scores.detections`)."""
     if result.logits is None:
-        raise ValueError("this bundle has no classifier head: use `edgeenc embed` for embeddings")
-    probabilities = scores(result.logits.astype(np.float64), activation)
-    rows = []
-    k = max(1, min(top_k, probabilities.shape[1]))
-    for i, p in enumerate(probabilities):
-        for rank, cls in enumerate(np.argsort(-p, kind="stable")[:k], start=1):
-            if threshold is not None and p[cls] < threshold:
-                break
-            rows.append(ClassRow(result.file or "", float(result.starts[i]), float(result.ends[i]), rank,
-                                 labels[cls], float(p[cls])))
-    return rows
+        raise NoClassifierHead(None)
+    return [ClassRow(result.file or "", float(result.starts[d.window]), float(result.ends[d.window]), d.rank, d.label,
+                     d.score) for d in detections(result.logits, list(labels or []), scoring)]

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path
 from .encoder import EmbeddingResult
-from .writers import atomic_path
 
 
 class PartFolder:

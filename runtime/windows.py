@@ -36,15 +36,47 @@ Windowing is streaming: at most about one window plus one input block is buffere
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Window", "iter_windows", "Batch", "WindowBatcher", "LAST_POLICIES", "AUTO_MIN_SECONDS"]
+__all__ = ["Window", "WindowOptions", "iter_windows", "Batch", "WindowBatcher", "LAST_POLICIES", "AUTO_MIN_SECONDS"]
 
 LAST_POLICIES = ("auto", "short", "pad", "drop")
 AUTO_MIN_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """How recordings are cut and batched: one value made once (by the CLI or the caller) and passed whole to
+    embed, classify, watch, listen, search and the Ray workers, so that every path cuts the same windows."""
+
+    window_seconds: float | None = None  # None: the model's native window
+    hop_seconds: float | None = None  # None: the window (no overlap, no gap)
+    last: str = "auto"  # the final partial window: see LAST_POLICIES and the module docstring
+    batch_size: int = 8  # windows per inference call
+    channel: int | None = None  # 0-based channel instead of the mean of all channels
+
+    def __post_init__(self) -> None:
+        if self.last not in LAST_POLICIES:
+            raise ValueError(f"last must be one of {', '.join(LAST_POLICIES)}; got {self.last!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
+        for name in ("window_seconds", "hop_seconds"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.channel is not None and self.channel < 0:
+            raise ValueError(f"channel is 0-based and cannot be negative, got {self.channel!r}")
+
+    def with_window(self, native_seconds: float) -> WindowOptions:
+        """These options with the model's native window filled in where none was asked for."""
+        return self if self.window_seconds else replace(self, window_seconds=float(native_seconds))
+
+    def updated(self, **fields: Any) -> WindowOptions:
+        """A copy with `fields` changed (keyword arguments of the Python API, e.g. last="short")."""
+        return replace(self, **fields) if fields else self
 
 
 @dataclass(frozen=True)

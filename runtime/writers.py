@@ -26,17 +26,17 @@ place with ``os.replace``; an interrupted run leaves either the old file or the 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import uuid
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
+
+from .atomic import atomic_path, atomic_text
 
 __all__ = [
     "WriterError",
@@ -83,47 +83,6 @@ class ClassRow:
     rank: int  # 1-based within its window
     label: str
     score: float
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary name beside `path`; on success it is fsynced and renamed over `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
-    # Created through os.open so the final file gets the usual umask permissions, not mkstemp's 0600.
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _fsync_folder(folder: str) -> None:
-    # Makes the rename itself survive a power cut; not possible on every OS, hence best effort.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_text(path: str | os.PathLike) -> Iterator[TextIO]:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
-        yield f
 
 
 def _write_sidecar(path: str, metadata: Mapping[str, Any] | None) -> None:

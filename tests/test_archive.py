@@ -12,14 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from edgeenc.runtime.archive import (
-    ArchiveError,
-    ArchiveOutput,
-    EmbeddingResult,
-    list_recordings,
-    plan_archive,
-    plan_ranges,
-)
+from edgeenc.runtime import EmbeddingResult, WindowOptions
+from edgeenc.runtime.archive import ArchiveError, ArchiveOutput, list_recordings, plan_archive
+from edgeenc.runtime.archive.plan import plan_ranges
 from edgeenc.runtime.audio import AudioInfo, iter_blocks, load
 from edgeenc.runtime.windows import iter_windows
 
@@ -39,7 +34,7 @@ def test_ranges_cut_exactly_the_windows_of_the_whole_file(hop, last):
         samples = rng.standard_normal(int(seconds * RATE)).astype(np.float32)
         info = AudioInfo("x.wav", RATE, 1, len(samples), len(samples) / RATE, "WAV", "FLOAT")
         recording = list_recordings([__file__])[0]
-        ranges = plan_ranges(recording, info, RATE, 10.0, hop, 40.0)
+        ranges = plan_ranges(recording, info, RATE, WindowOptions(10.0, hop), 40.0)
         assert [r.index for r in ranges] == list(range(len(ranges))) and ranges[-1].stop is None
         assert all(r.count == len(ranges) for r in ranges)
         if seconds >= 200:
@@ -92,11 +87,11 @@ def test_done_files_are_skipped_and_a_changed_one_is_refused(tmp_path):
     wav, recording = _shard(tmp_path / "out", METADATA, tmp_path)
     done = ArchiveOutput(tmp_path / "out", METADATA).done()
     assert done == {recording.key}
-    plan = plan_archive(list_recordings([wav]), done, 16000, 10.0, None, "short", 600.0)
+    plan = plan_archive(list_recordings([wav]), done, 16000, WindowOptions(10.0, last="short"), 600.0)
     assert plan.skipped == [recording] and plan.ranges == [] and plan.todo == 0
     os.utime(wav, ns=(1, 1))
     with pytest.raises(ArchiveError, match="a.wav changed"):
-        plan_archive(list_recordings([wav]), done, 16000, 10.0, None, "short", 600.0)
+        plan_archive(list_recordings([wav]), done, 16000, WindowOptions(10.0, last="short"), 600.0)
 
 
 @pytest.mark.parametrize("key", ["bundle_sha256", "run_options"])
@@ -156,7 +151,7 @@ def test_a_folder_url_is_walked_as_the_local_folder_is(tmp_path):
     assert [(r.size, r.mtime_ns) for r in urls] == [(r.size, r.mtime_ns) for r in local]
     assert list_recordings([(folder / "a.wav").as_uri()]) == urls[:1]
     # Resuming matches URLs by size and mtime, as paths.
-    plan = plan_archive(urls, {urls[0].key}, 16000, 1.0, None, "short", 10.0)
+    plan = plan_archive(urls, {urls[0].key}, 16000, WindowOptions(1.0, last="short"), 10.0)
     assert plan.skipped == urls[:1] and {r.path for r in plan.ranges} == {urls[1].path}
 
 
@@ -172,8 +167,8 @@ def test_a_url_with_nothing_at_it_is_an_error_naming_it(tmp_path, url, reason):
 
 
 def test_a_url_decodes_as_its_local_file_does(tmp_path):
+    from edgeenc.runtime.archive import iter_source_blocks, probe_source
     from edgeenc.runtime.audio import AudioError, probe
-    from edgeenc.runtime.urls import iter_source_blocks, probe_source
 
     path = _url_folder(tmp_path) / "a.wav"
     url = path.as_uri()

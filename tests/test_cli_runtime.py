@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgeenc.cli import app
-from edgeenc.cli_common import EXIT_SOME_FILES_FAILED
+from edgeenc.cli_common import ExitStatus
 from edgeenc.runtime.writers import RAVEN_COLUMNS
 
 BAD_KINDS = ("unreadable", "empty", "truncated", "zero_length", "nan")
@@ -237,7 +237,7 @@ def test_explicit_missing_gpu_device_gets_the_full_message(tiny_beats_bundle, bi
 
 
 def _check_bad_run(result, bad_audio_files: dict[str, Path]) -> None:
-    assert result.exit_code == EXIT_SOME_FILES_FAILED, result.output
+    assert result.exit_code == ExitStatus.SOME_FILES_FAILED, result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     for kind in BAD_KINDS:
         path = str(bad_audio_files[kind])
@@ -267,7 +267,7 @@ def test_classify_bad_files(tiny_eat_bundle, bad_audio_files, tmp_path):
 def test_all_files_bad_still_exit_4(tiny_eat_bundle, bad_audio_files, tmp_path):
     out = tmp_path / "emb.npz"
     result = cli("embed", tiny_eat_bundle[0], bad_audio_files["empty"], bad_audio_files["nan"], "-o", out)
-    assert result.exit_code == EXIT_SOME_FILES_FAILED
+    assert result.exit_code == ExitStatus.SOME_FILES_FAILED
     assert "0 file(s) done, 2 failed" in result.stderr
     assert load_npz(out)["embeddings"].shape == (0, 64)
 
@@ -301,7 +301,7 @@ def test_embed_resumes_from_parts_and_cleans_up(tiny_eat_bundle, birds_wav, tmp_
     (inbox / "bad.wav").write_bytes(b"not audio at all")
     out = tmp_path / "emb.npz"
     first = cli("embed", tiny_eat_bundle[0], inbox, "-o", out, "--device", "cpu")
-    assert first.exit_code == EXIT_SOME_FILES_FAILED, first.output
+    assert first.exit_code == ExitStatus.SOME_FILES_FAILED, first.output
     parts = tmp_path / "emb.npz.parts"
     assert len(list(parts.glob("*.npz"))) == 2  # the finished files survive the failure
     assert "run again to resume" in first.stderr

@@ -57,7 +57,7 @@ def test_a_failing_step_is_recorded_and_the_others_still_run(gpu_check, tmp_path
 
 @pytest.mark.parametrize("cuda", ["12.2.0", "13.0.0"])
 def test_cuda_buffer_step_copies_through_the_runtime_buffers(gpu_check, monkeypatch, cuda):
-    from edgeenc.runtime import tensorrt_backend as trt_rt
+    from edgeenc.runtime.backends import tensorrt_backend as trt_rt
 
     cudart = install_cuda_python(monkeypatch, cuda)
     figures = gpu_check.cuda_buffers(trt_rt.import_cudart(), nbytes=1 << 16)

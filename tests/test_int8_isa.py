@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 
-from edgeenc.runtime import isa
+from edgeenc.runtime.backends import isa
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
 VNNI = AVX2 | {"avx512f", "avx512bw", "avx512_vnni"}
@@ -89,10 +89,9 @@ def test_optimize_writes_u8_weights_without_vnni_and_s8_with_it(by_weights):
 
 
 def test_runtime_refuses_s8_weights_on_a_cpu_that_saturates(by_weights, monkeypatch):
-    from edgeenc.runtime.backends import BackendUnavailable
+    from edgeenc.runtime.backends import BackendUnavailable, cpu_model
     from edgeenc.runtime.bench import load_target
     from edgeenc.runtime.bundle import read_manifest
-    from edgeenc.runtime.cpu_choice import cpu_model
 
     s8_bundle, _ = by_weights["s8"]
     u8_bundle, _ = by_weights["u8"]

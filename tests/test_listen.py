@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from edgeenc.runtime import ScoreOptions, WindowOptions
 from edgeenc.runtime.audio import load
 from edgeenc.runtime.encoder import Encoder
-from edgeenc.runtime.listen import listen
-from edgeenc.runtime.live_store import LiveStore
-from edgeenc.runtime.sources import FfmpegSource, PcmSource, SoundDeviceSource, SourceError, open_source
-from edgeenc.runtime.store import TEST_STALL_ENV, bundle_identity
+from edgeenc.runtime.recorder import LiveStore, listen
+from edgeenc.runtime.recorder.sources import FfmpegSource, PcmSource, SoundDeviceSource, SourceError, open_source
+from edgeenc.runtime.recorder.store import TEST_STALL_ENV
 
 BIRDS = resources.files("edgeenc") / "data" / "birds_10s.wav"  # 32 kHz int16 mono, 10.133 s
 CLI = [sys.executable, "-c", "from edgeenc.cli import main; main()"]
@@ -85,8 +85,7 @@ def listen_cmd(bundle: Path, db: Path, *extra: str) -> list[str]:
 
 
 def open_store(db: Path, encoder: Encoder) -> LiveStore:
-    model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
-    return LiveStore.open(db, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim)
+    return LiveStore.for_encoder(db, encoder)
 
 
 def test_stdin_faster_than_real_time_matches_embed_of_the_file_and_closes_cleanly(bundle, birds, tmp_path):
@@ -130,7 +129,7 @@ def test_other_pcm_formats_and_stereo_give_the_same_windows(encoder, birds, refe
     stereo = np.repeat(mono[:, None], 2, axis=1)  # both channels equal: their mean is the recording
     source = PcmSource(io.BytesIO(stereo.astype("<i4" if fmt == "s32le" else "<f4").tobytes()), fmt, rate, 2)
     with open_store(tmp_path / "r.sqlite", encoder) as store:
-        summary = listen(encoder, store, source, source_name="-", window_seconds=1.0, hop_seconds=0.5,
+        summary = listen(encoder, store, source, source_name="-", options=WindowOptions(1.0, 0.5, last="short"),
                          handle_signals=False)
     assert summary.ended == "end of source" and summary.windows == 20
     starts, _, _, emb = stored(tmp_path / "r.sqlite")
@@ -144,7 +143,8 @@ def test_the_last_partial_window_follows_last_at_the_end_of_the_source(encoder, 
     for last in ("short", "pad", "drop"):
         source = PcmSource(io.BytesIO(samples.tobytes()), "s16le", rate, 1)
         with open_store(tmp_path / f"{last}.sqlite", encoder) as store:
-            listen(encoder, store, source, source_name="-", window_seconds=1.0, last=last, handle_signals=False)
+            listen(encoder, store, source, source_name="-", options=WindowOptions(1.0, last=last),
+                   handle_signals=False)
         ends[last] = list(stored(tmp_path / f"{last}.sqlite")[1])
     assert ends["short"] == ends["pad"] == [*range(1, 11), pytest.approx(10.13325)]
     assert ends["drop"] == list(range(1, 11))
@@ -308,9 +308,9 @@ def test_overload_drops_the_oldest_audio_with_bounded_memory(encoder, tmp_path, 
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with open_store(tmp_path / "r.sqlite", slow) as store, caplog.at_level("WARNING"):
         # The source at 500x real time, the encoder at most 80x (four 1 s windows per 0.05 s batch).
-        summary = listen(slow, store, FastSource(1800, speed=500), source_name="generated", window_seconds=1.0,
-                         batch_size=4, buffer_seconds=8.0, report_seconds=0.5, handle_signals=False,
-                         on_event=lambda *e: events.append(e))
+        summary = listen(slow, store, FastSource(1800, speed=500), source_name="generated",
+                         options=WindowOptions(1.0, last="short", batch_size=4), buffer_seconds=8.0,
+                         report_seconds=0.5, handle_signals=False, on_event=lambda *e: events.append(e))
     grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
     # 1800 s of float32 audio is 115 MB: had it been kept, the peak would have grown by that much.
     assert grew < 40 * 2**20, f"peak RSS grew {grew / 2**20:.0f} MiB"
@@ -353,8 +353,8 @@ def test_ffmpeg_source_restarts_with_backoff(encoder, tmp_path, caplog):
                                and stop.set(), daemon=True)
     watcher.start()
     with open_store(tmp_path / "r.sqlite", encoder) as store, caplog.at_level("WARNING"):
-        summary = listen(encoder, store, source, source_name="ffmpeg:rtsp://cam/stream", window_seconds=1.0,
-                         stop=stop, handle_signals=False)
+        summary = listen(encoder, store, source, source_name="ffmpeg:rtsp://cam/stream",
+                         options=WindowOptions(1.0, last="short"), stop=stop, handle_signals=False)
     assert summary.ended == "stopped" and summary.restarts >= 4
     restarts = [r.getMessage() for r in caplog.records if "restarting in" in r.getMessage()]
     assert "Connection refused" in restarts[0]
@@ -391,7 +391,8 @@ def test_a_real_ffmpeg_reads_the_recording_like_embed(encoder, tmp_path):
         with open_store(db, encoder) as store:
             threading.Thread(target=lambda: _wait(lambda: rows(db, "SELECT count(*) FROM windows")[0][0] >= 20)
                              and stop.set(), daemon=True).start()
-            summary = listen(encoder, store, source, source_name="ffmpeg", window_seconds=1.0, stop=stop,
+            summary = listen(encoder, store, source, source_name="ffmpeg", options=WindowOptions(1.0, last="short"),
+                             stop=stop,
                              handle_signals=False)
     assert summary.restarts >= 1  # a file ends: ffmpeg is started again, the recording heard again
     starts, _, _, emb = stored(db)
@@ -458,8 +459,8 @@ def test_a_sound_device_through_portaudio_gives_the_same_windows(encoder, birds,
     with open_store(db, encoder) as store:
         threading.Thread(target=lambda: _wait(lambda: rows(db, "SELECT count(*) FROM windows")[0][0] >= 19)
                          and stop.set(), daemon=True).start()
-        summary = listen(encoder, store, source, source_name="alsa:USB mic", window_seconds=1.0, hop_seconds=0.5,
-                         stop=stop, handle_signals=False)
+        summary = listen(encoder, store, source, source_name="alsa:USB mic",
+                         options=WindowOptions(1.0, 0.5, last="short"), stop=stop, handle_signals=False)
     assert summary.ended == "stopped"
     starts, _, _, emb = stored(db)
     # A device never ends: every full window is there, the short last one is not (no end of source).
@@ -485,8 +486,8 @@ def test_clips_for_detections_are_flac_with_a_row(encoder, birds, reference, tmp
     source = PcmSource(io.BytesIO(samples.tobytes()), "s16le", rate, 1)
     db, clips = tmp_path / "r.sqlite", tmp_path / "clips"
     with open_store(db, encoder) as store:
-        summary = listen(encoder, store, source, source_name="-", window_seconds=1.0, hop_seconds=0.5,
-                         threshold=threshold, clips_dir=clips, handle_signals=False)
+        summary = listen(encoder, store, source, source_name="-", options=WindowOptions(1.0, 0.5, last="short"),
+                         scoring=ScoreOptions(threshold=threshold), clips_dir=clips, handle_signals=False)
     expected = int((top >= threshold).sum())
     assert 0 < summary.clips == expected < len(top)
     saved = rows(db, 'SELECT c.path, c.label, c.score, w.start, w."end", d.label, d.score FROM clips c '

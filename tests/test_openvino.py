@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from edgeenc.runtime import isa
+from edgeenc.runtime.backends import isa
 
 AVX512_NO_BF16 = {"avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni"}  # Ice Lake: VNNI, no bf16
 AVX2 = {"avx", "avx2", "fma"}  # Zen 3: neither
@@ -49,8 +49,8 @@ def optimized(tiny_beats_bundle, tmp_path_factory):
 def test_openvino_matches_onnxruntime_fp32(tiny_beats_bundle):
     pytest.importorskip("openvino")
     from edgeenc.export.parity import FP32_COSINE_GAP, FP32_MAX_ABS, error_stats, reference_audio
-    from edgeenc.runtime.backends import OrtBackend
-    from edgeenc.runtime.openvino_backend import OpenVinoBackend
+    from edgeenc.runtime.backends.onnxruntime_backend import OrtBackend
+    from edgeenc.runtime.backends.openvino_backend import OpenVinoBackend
 
     bundle = tiny_beats_bundle[0]
     names = ["tokens", "embedding"]
@@ -72,9 +72,9 @@ def test_openvino_matches_onnxruntime_fp32(tiny_beats_bundle):
 
 
 def test_optimize_gates_records_and_uses_the_fastest(optimized):
+    from edgeenc.runtime.backends import ISA_FLAGS
     from edgeenc.runtime.bundle import read_manifest, verify_bundle
     from edgeenc.runtime.encoder import Encoder
-    from edgeenc.runtime.limits import ISA_FLAGS
 
     bundle, summary = optimized
     manifest = read_manifest(bundle)
@@ -137,8 +137,7 @@ def _has_openvino() -> bool:
 
 def test_bf16_refused_on_a_cpu_without_bf16(optimized, monkeypatch, tmp_path):
     from edgeenc.export.optimize import optimize_bundle
-    from edgeenc.runtime.backend_protocol import BackendUnavailable
-    from edgeenc.runtime.cpu_choice import plan_cpu
+    from edgeenc.runtime.backends import BackendUnavailable, plan_cpu
 
     bundle = tmp_path / "bundle"
     shutil.copytree(optimized[0], bundle)
@@ -190,7 +189,7 @@ def test_a_copy_on_another_cpu_falls_back_and_says_so(optimized, monkeypatch, tm
     assert "CPU default openvino:bf16" in said and "falling back to model.int8dyn.onnx" in said, said
 
     _pretend_cpu(monkeypatch, AVX2)  # no VNNI either: s8 weights saturate, only fp32 is left
-    from edgeenc.runtime.cpu_choice import key_problem
+    from edgeenc.runtime.backends import key_problem
 
     forged_int8 = {**FORGED_BF16, "precision": "int8", "weights": "s8"}
     problem = key_problem(bundle, {"variants": {"openvino:int8": forged_int8}}, "openvino:int8")
@@ -207,7 +206,7 @@ def test_a_copy_on_another_cpu_falls_back_and_says_so(optimized, monkeypatch, tm
 
 def test_without_openvino_everything_works_as_before(optimized, monkeypatch, tmp_path):
     from edgeenc.export.optimize import optimize_bundle
-    from edgeenc.runtime.backend_protocol import BackendUnavailable
+    from edgeenc.runtime.backends import BackendUnavailable
     from edgeenc.runtime.encoder import Encoder
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
@@ -220,7 +219,7 @@ def test_without_openvino_everything_works_as_before(optimized, monkeypatch, tmp
     assert encoder.backend.description.startswith("onnxruntime")
     assert "OpenVINO is not installed" in "\n".join(encoder.backend_log)
     with pytest.raises(BackendUnavailable, match="not installed"):
-        Encoder.load(bundle, "cpu", threads=2, engine="openvino")
+        Encoder.load(bundle, "cpu", threads=2, cpu_engine="openvino")
 
     summary = optimize_bundle(bundle, quick=True, threads=2, int8=False, timing_runs=2)
     for key in ("openvino:fp32", "openvino:bf16"):

@@ -23,7 +23,7 @@ ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
 from edgeenc.cli import app  # noqa: E402
-from edgeenc.cli_common import EXIT_SOME_FILES_FAILED  # noqa: E402
+from edgeenc.cli_common import ExitStatus  # noqa: E402
 
 SHORT_FILES = 31
 # 9 full windows and a 5.5 s one: no short file is 5.5 s long. Two windows of one length share an ORT batch
@@ -72,7 +72,7 @@ def single_process(tiny_eat_bundle, archive, tmp_path_factory) -> dict:
     """
     out = tmp_path_factory.mktemp("single") / "embeddings.parquet"
     result = cli("embed", tiny_eat_bundle[0], archive, "-o", out, "--device", "cpu", "--threads", 1)
-    assert result.exit_code == EXIT_SOME_FILES_FAILED, result.output
+    assert result.exit_code == ExitStatus.SOME_FILES_FAILED, result.output
     return _sorted(pq.read_table(out))
 
 
@@ -91,7 +91,7 @@ def test_ray_gives_the_rows_and_embeddings_of_single_process_embed(tiny_eat_bund
                                                                    ray_address, tmp_path):
     out = tmp_path / "out"
     result = cli(*_ray_args(tiny_eat_bundle[0], archive, out, ray_address))
-    assert result.exit_code == EXIT_SOME_FILES_FAILED, result.output
+    assert result.exit_code == ExitStatus.SOME_FILES_FAILED, result.output
     assert f"{FILES} file(s) to do" in result.stderr and f"in {FILES + 4} range(s)" in result.stderr
     assert f"{FILES} file(s) done, 1 failed" in result.stderr
     rows = _sorted(pq.read_table(out / "shards"))
@@ -132,7 +132,7 @@ def test_ray_classify_keeps_the_top_k_of_single_process_classify(tiny_eat_bundle
 # atexit) the moment its first shard is on disk, with the other files' ranges still in flight.
 KILLED_AFTER_FIRST_SHARD = """
 import functools, os, signal, sys
-from edgeenc.runtime import archive, ray_engine
+from edgeenc.runtime.archive import plan as archive, ray_run as ray_engine
 ray_engine.RayOptions = functools.partial(ray_engine.RayOptions, shard_files=4)
 write_shard = archive.ArchiveOutput.write_shard
 def write_then_die(self, files):
@@ -157,7 +157,7 @@ def test_a_killed_run_resumes_with_every_file_exactly_once(tiny_eat_bundle, arch
     assert len(done_first) == 4 and not (out / "failures.parquet").exists()
 
     result = cli(*_ray_args(tiny_eat_bundle[0], archive, out, ray_address))
-    assert result.exit_code == EXIT_SOME_FILES_FAILED, result.output
+    assert result.exit_code == ExitStatus.SOME_FILES_FAILED, result.output
     assert "resuming: 4 file(s) already done" in result.stderr
     assert f"{FILES - 4} file(s) done, 1 failed, 4 already done" in result.stderr
     shards = sorted((out / "shards").glob("part-*.parquet"))
@@ -177,7 +177,7 @@ def test_recordings_given_as_urls_give_the_rows_of_their_local_files(tiny_eat_bu
     url = archive.as_uri()
     out = tmp_path / "out"
     result = cli(*_ray_args(tiny_eat_bundle[0], url, out, ray_address))
-    assert result.exit_code == EXIT_SOME_FILES_FAILED, result.output
+    assert result.exit_code == ExitStatus.SOME_FILES_FAILED, result.output
     assert f"{FILES} file(s) done, 1 failed" in result.stderr
     rows = _sorted(pq.read_table(out / "shards"))
     assert all(f.startswith(url + "/") for f in rows["file"])
@@ -190,6 +190,6 @@ def test_recordings_given_as_urls_give_the_rows_of_their_local_files(tiny_eat_bu
     assert "libsndfile cannot read it" in failures[0]["error"]
 
     rerun = cli(*_ray_args(tiny_eat_bundle[0], url, out, ray_address))
-    assert rerun.exit_code == EXIT_SOME_FILES_FAILED, rerun.output
+    assert rerun.exit_code == ExitStatus.SOME_FILES_FAILED, rerun.output
     assert f"resuming: {FILES} file(s) already done" in rerun.stderr
     assert f"0 file(s) done, 1 failed, {FILES} already done" in rerun.stderr

@@ -335,7 +335,7 @@ def test_backend_failure_costs_only_the_files_in_that_batch(tiny_eat_bundle, bir
 
 
 def test_cuda_message_names_the_conflicting_onnxruntime_packages(tiny_beats_bundle, monkeypatch):
-    from edgeenc.runtime import backends
+    from edgeenc.runtime.backends import onnxruntime_backend as backends
 
     monkeypatch.setattr(backends, "ort_distributions", lambda: ["onnxruntime 1.32.0", "onnxruntime-gpu 1.32.0"])
     with pytest.raises(backends.BackendUnavailable, match="both onnxruntime 1.32.0 and onnxruntime-gpu"):
@@ -348,7 +348,7 @@ def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle,
 
     import onnxruntime
 
-    from edgeenc.runtime import backends
+    from edgeenc.runtime.backends import onnxruntime_backend as backends
 
     bundle = tmp_path / "b"
     shutil.copytree(tiny_beats_bundle[0], bundle)
@@ -365,7 +365,7 @@ def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle,
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(onnxruntime, "InferenceSession", FakeSession)
     monkeypatch.setenv("EDGEENC_ORT_TENSORRT", "1")
-    backend = backends._try_cuda(bundle, ["embedding"])
+    backend = backends.cuda_backend(bundle, ["embedding"])
     assert backend.name == "trt"
     (name, options), *rest = asked["providers"]
     assert name == "TensorrtExecutionProvider"
@@ -373,14 +373,14 @@ def test_ort_tensorrt_provider_is_opt_in_with_an_engine_cache(tiny_beats_bundle,
     # fp16 from model.fp16.onnx's Casts (a strongly typed network), never the weak-typing trt_fp16_enable
     assert "trt_fp16_enable" not in options and asked["path"].endswith("model.onnx")  # no fp16 file: fp32
     (bundle / "model.fp16.onnx").write_bytes(b"")  # FakeSession never reads it
-    backends._try_cuda(bundle, ["embedding"])
+    backends.cuda_backend(bundle, ["embedding"])
     assert asked["path"].endswith("model.fp16.onnx") and "trt_fp16_enable" not in asked["providers"][0][1]
     assert options["trt_engine_cache_path"].startswith(str(bundle / "engines"))
     monkeypatch.delenv("EDGEENC_ORT_TENSORRT")
-    backends._try_cuda(bundle, ["embedding"])
+    backends.cuda_backend(bundle, ["embedding"])
     assert asked["providers"] == [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
     monkeypatch.setattr(onnxruntime, "__version__", "1.17.3")  # no use_tf32 option yet: none is passed
-    backends._try_cuda(bundle, ["embedding"])
+    backends.cuda_backend(bundle, ["embedding"])
     assert asked["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 

@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 from edgeenc.export import tensorrt as trt_build
 from edgeenc.export.parity import rowwise_cosine
-from edgeenc.runtime import engines
-from edgeenc.runtime import tensorrt_backend as trt_rt
 from edgeenc.runtime.backends import BackendUnavailable, select_backend
+from edgeenc.runtime.backends import tensorrt_backend as trt_rt
+from edgeenc.runtime.backends import tensorrt_engines as engines
 from edgeenc.runtime.bundle import read_manifest, verify_bundle
 
 BEATS = {"sample_rate": 16000, "min_samples": 2800, "window_seconds": 10.0, "architecture": "beats"}
@@ -149,7 +149,7 @@ def test_tensorrt_modules_and_build_cli_never_import_torch(tmp_path):
     script = f"""
 import sys
 sys.modules["torch"] = sys.modules["tensorrt"] = None  # import torch / tensorrt -> ImportError
-import edgeenc.runtime.tensorrt_backend, edgeenc.export.tensorrt
+import edgeenc.runtime.backends.tensorrt_backend, edgeenc.export.tensorrt
 from typer.testing import CliRunner
 from edgeenc.cli import app
 result = CliRunner().invoke(app, ["build", {str(tmp_path)!r}])

@@ -68,9 +68,9 @@ import edgeenc.runtime.windows
 import edgeenc.runtime.writers
 import edgeenc.runtime.bundle
 import edgeenc.cli
-import edgeenc.runtime.tensorrt_backend
-import edgeenc.runtime.store
-import edgeenc.runtime.watch
+import edgeenc.runtime.backends.tensorrt_backend
+import edgeenc.runtime.recorder.store
+import edgeenc.runtime.recorder.watch
 # `edgeenc build` runs on a Jetson without torch: its engine gate and parity cases must not need it.
 import edgeenc.export.tensorrt
 import edgeenc.export.parity

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from edgeenc.runtime import ScoreOptions
 from edgeenc.runtime.encoder import Encoder
-from edgeenc.runtime.store import TEST_STALL_ENV, Store, StoreLocked
-from edgeenc.runtime.watch import store_for, watch
+from edgeenc.runtime.recorder import Store, watch
+from edgeenc.runtime.recorder.store import TEST_STALL_ENV, StoreLocked
 
 RATE = 16000
 
@@ -70,7 +71,7 @@ def rows(db: Path, sql: str, *params) -> list[tuple]:
 
 def run_once(inbox: Path, encoder: Encoder, db: Path, **kw):
     events: list[tuple[str, str, str]] = []
-    with store_for(db, encoder) as store:
+    with Store.for_encoder(db, encoder) as store:
         summary = watch(inbox, encoder, store, once=True, settle_seconds=0, poll_seconds=0.05,
                         on_event=lambda *e: events.append(e), **kw)
     return summary, events
@@ -132,7 +133,7 @@ def test_a_growing_file_is_not_read_before_it_settles(encoder, tmp_path):
                 time.sleep(0.12)
 
     def watcher() -> None:
-        with store_for(db, encoder) as store:
+        with Store.for_encoder(db, encoder) as store:
             watch(inbox, encoder, store, settle_seconds=0.8, poll_seconds=0.05, stop=stop,
                   on_event=lambda *e: events.append(e))
 
@@ -206,9 +207,9 @@ def test_a_renamed_duplicate_is_skipped_and_a_changed_file_is_reprocessed(encode
 def test_a_second_watcher_on_the_same_database_is_refused(encoder, bundle, tmp_path):
     inbox, db = tmp_path / "inbox", tmp_path / "r.sqlite"
     write_wav(inbox / "a.wav")
-    with store_for(db, encoder):
+    with Store.for_encoder(db, encoder):
         with pytest.raises(StoreLocked, match="in use by another watcher"):
-            store_for(db, encoder)
+            Store.for_encoder(db, encoder)
         result = cli("watch", str(inbox), "--bundle", str(bundle), "--db", str(db), "--once", "--device", "cpu")
     assert result.returncode == 5
     assert "in use by another watcher" in result.stderr and str(os.getpid()) in result.stderr
@@ -228,7 +229,7 @@ def test_memory_stays_flat_over_hundreds_of_files(encoder, tmp_path):
         write_wav(inbox / f"d{i // 100}" / f"r{i:04d}.wav", 0.5, seed=1000 + i)
     rss: list[int] = []
     start = time.time()
-    with store_for(db, encoder) as store:
+    with Store.for_encoder(db, encoder) as store:
         summary = watch(inbox, encoder, store, once=True, settle_seconds=0, poll_seconds=0.05,
                         on_event=lambda *e: rss.append(_rss_bytes()))
     elapsed = time.time() - start
@@ -242,7 +243,7 @@ def test_export_db_csv_and_search_finds_the_file_itself(bundle, encoder, tmp_pat
     inbox, db = tmp_path / "inbox", tmp_path / "r.sqlite"
     for i in range(4):
         write_wav(inbox / f"r{i}.wav", 1.0 + i * 0.5, seed=50 + i)
-    run_once(inbox, encoder, db, top_k=1)
+    run_once(inbox, encoder, db, scoring=ScoreOptions(top_k=1))
     out = tmp_path / "table.csv"
     result = cli("export-db", str(db), "-o", str(out))
     assert result.returncode == 0, result.stderr
@@ -282,4 +283,4 @@ def test_a_database_of_another_bundle_is_refused_for_writing(encoder, tmp_path):
     db = tmp_path / "r.sqlite"
     Store.open(db, model_id="x", bundle_hash="0" * 64, embedding_dim=3).close()
     with pytest.raises(Exception, match="use another --db"):
-        store_for(db, encoder)
+        Store.for_encoder(db, encoder)

@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=16000)
     args = parser.parse_args()
 
-    from edgeenc.runtime.backends import OrtBackend
+    from edgeenc.runtime.backends.onnxruntime_backend import OrtBackend
     from edgeenc.runtime.bench import bench_audio
 
     clip = bench_audio(args.rate, 10.0, 1)

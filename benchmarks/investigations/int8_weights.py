@@ -35,12 +35,12 @@ def main() -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgeenc.export import optimize as opt
-    from edgeenc.export.parity import LOWP_TOKEN_COSINE, ort_runner, run_reduced_gate
-    from edgeenc.runtime.bundle import read_manifest
-    from edgeenc.runtime.isa import cpu_summary
+    from edgeenc.export.parity import LOWP_TOKEN_COSINE, compare, ort_runner, reduced_figures
+    from edgeenc.runtime.backends import cpu_summary
+    from edgeenc.runtime.bundle import output_names, read_manifest
 
     manifest = read_manifest(args.bundle)
-    names = [o["name"] for o in manifest["outputs"]]
+    names = output_names(manifest)
     rate, window = int(manifest["sample_rate"]), float(manifest["window_seconds"])
     cases = opt.optimize_cases(rate, window)
     reference = ort_runner(args.bundle / "model.onnx", names, args.threads)
@@ -71,9 +71,9 @@ def main() -> None:
         runners = {"model.onnx (fp32)": ort_runner(args.bundle / "model.onnx", ["embedding"], args.threads)}
         gates = {}
         for label, path in candidates.items():
-            report = run_reduced_gate(label, ort_runner(path, names, args.threads), references, cases,
-                                      token_cosine=LOWP_TOKEN_COSINE)
-            gates[label] = opt.gate_summary(report)
+            report = compare(label, ort_runner(path, names, args.threads), references, cases, names,
+                             token_cosine=LOWP_TOKEN_COSINE)
+            gates[label] = reduced_figures(report)
             runners[label] = ort_runner(path, ["embedding"], args.threads)
 
         clip = cases[0].audio[:, : int(window * rate)]

@@ -5,9 +5,9 @@
 
 BUNDLE: an exported (full-size) bundle. For each ignored scope (front end only; + the attention's
 activation x activation MatMuls; + the convolutions; front end + convolutions; front end with SmoothQuant
-on) it quantises model.onnx, runs the gate of `edgeenc optimize` (export/parity.py run_reduced_gate
+on) it quantises model.onnx, runs the gate of `edgeenc optimize` (export/parity.py compare
 against ONNX Runtime on model.onnx, the quick case list) and then times every passing candidate and
-OpenVINO bf16 in one interleaved run (one 10 s window, batch 1). The rule in export/openvino_int8.py
+OpenVINO bf16 in one interleaved run (one 10 s window, batch 1). The rule in export/openvino_variants.py
 (front end + convolutions, SmoothQuant off) comes from this.
 """
 
@@ -34,9 +34,9 @@ def main() -> None:
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, AdvancedSmoothQuantParameters
 
     from edgeenc.export.optimize import calibration_windows, ensure_names, front_end_nodes, optimize_cases
-    from edgeenc.export.parity import LOWP_TOKEN_COSINE, ort_runner, run_reduced_gate
+    from edgeenc.export.parity import LOWP_TOKEN_COSINE, compare, ort_runner
+    from edgeenc.runtime.backends.openvino_backend import OpenVinoBackend
     from edgeenc.runtime.bench import Target, bench_audio, time_interleaved
-    from edgeenc.runtime.openvino_backend import OpenVinoBackend
 
     nncf.set_log_level(logging.WARNING)
     src, names = args.bundle / "model.onnx", ["tokens", "embedding"]
@@ -73,7 +73,7 @@ def main() -> None:
         path = work / f"candidate{i}.xml"
         ov.save_model(model, str(path))
         backend = OpenVinoBackend(path, names, precision="int8", threads=args.threads)
-        report = run_reduced_gate(label, backend.run, references, cases, token_cosine=LOWP_TOKEN_COSINE)
+        report = compare(label, backend.run, references, cases, names, token_cosine=LOWP_TOKEN_COSINE)
         worst = report.summary["worst"]
         tokens, centred = worst["tokens"]["min_cosine"], worst["embedding_centred"]["min_cosine"]
         print(f"{label:40s} gate {'PASS' if report.passed else 'FAIL'}  min token cos {tokens:.5f}  "

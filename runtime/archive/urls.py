@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .audio import AUDIO_SUFFIXES, AudioError, AudioInfo, iter_blocks, probe
+from ..audio import AUDIO_SUFFIXES, AudioError, AudioInfo, iter_blocks, probe
 
 
 def is_url(source: str | os.PathLike[str]) -> bool:
@@ -35,8 +35,8 @@ def _filesystem(url: str):
 def list_url(url: str) -> list[tuple[str, int, int]]:
     """(url, size, mtime_ns) of the file at `url`, or of every audio file under the folder at `url`.
 
-    A folder is walked as local folders are (sorted, recursive, audio suffixes, no dot files); the files'
-    URLs are `url` followed by their path below it. Raises :class:`AudioError` naming `url` when nothing
+    A folder is walked as local folders are (sorted, recursive, audio suffixes, no dot files or folders); the
+    files' URLs are `url` followed by their path below it. Raises :class:`AudioError` naming `url` when nothing
     is there or it cannot be listed.
     """
     from pyarrow.fs import FileSelector, FileType
@@ -54,7 +54,9 @@ def list_url(url: str) -> list[tuple[str, int, int]]:
     # Keep a query (e.g. ?region=) on every file's URL: workers open each one with from_uri again.
     base, query = url.split("?", 1) if "?" in url else (url, "")
     prefix = len(root.rstrip("/"))
-    files = sorted((f for f in found if f.type == FileType.File and not f.base_name.startswith(".")
+    # As audio.walk_audio walks local folders: no name below the root that starts with ".", file or folder.
+    files = sorted((f for f in found if f.type == FileType.File
+                    and not any(part.startswith(".") for part in PurePosixPath(f.path[prefix:]).parts)
                     and PurePosixPath(f.path).suffix.lower() in AUDIO_SUFFIXES), key=lambda f: f.path)
     return [(base.rstrip("/") + f.path[prefix:] + (f"?{query}" if query else ""), f.size, f.mtime_ns or 0)
             for f in files]

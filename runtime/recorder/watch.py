@@ -16,8 +16,8 @@ too short) is recorded as failed with its reason and not retried until it change
 
 Memory stays flat: one file at a time, results go to the database and are dropped.
 
-Signals: the first SIGTERM/SIGINT stops the watcher after the current file; a second one abandons
-the current file's transaction (it is rolled back, and the file is processed again next time).
+Signals (stopping.py): the first SIGTERM/SIGINT stops the watcher after the current file; a second one
+abandons the current file's transaction (it is rolled back, and the file is processed again next time).
 Nothing here prints: progress goes to ``logging`` and to the ``on_event`` callback.
 """
 
@@ -25,21 +25,21 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from edgeenc.hashing import sha256_file
 
-from .audio import AUDIO_SUFFIXES
-from .encoder import Encoder, scores
+from ..audio import walk_audio
+from ..encoder import Encoder
+from ..scores import ScoreOptions, detections
+from ..windows import WindowOptions
+from .stopping import StopRequest
 from .store import FileInfo, Store
 
-__all__ = ["WatchSummary", "watch", "store_for", "window_detections"]
+__all__ = ["WatchSummary", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -57,68 +57,8 @@ class WatchSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # the last 100 (path, reason)
 
 
-def store_for(db: str | os.PathLike, encoder: Encoder) -> Store:
-    """Open DB for writing, bound to the encoder's bundle."""
-    from .store import bundle_identity
-
-    model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
-    return Store.open(db, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim)
-
-
-def _scan(inbox: str) -> Iterator[tuple[str, os.stat_result]]:
-    stack = [inbox]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            log.warning("cannot list %s: %s", folder, exc)
-            continue
-        subfolders = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    subfolders.append(entry.path)
-                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in AUDIO_SUFFIXES:
-                    yield entry.path, entry.stat()
-            except OSError:
-                continue  # vanished between listing and stat
-        stack.extend(reversed(subfolders))
-
-
-def window_detections(logits: np.ndarray | None, labels: list[str] | None, top_k: int,
-                      threshold: float | None) -> list[tuple[int, str, int, float]]:
-    """(window index, label, rank, score) rows of the top-k softmax labels (>= threshold) per window."""
-    if logits is None or not labels:
-        return []
-    probabilities = scores(logits.astype(np.float64), "softmax")
-    k = max(1, min(top_k, probabilities.shape[1]))
-    rows = []
-    for i, p in enumerate(probabilities):
-        for rank, cls in enumerate(np.argsort(-p, kind="stable")[:k], start=1):
-            if threshold is not None and p[cls] < threshold:
-                break
-            rows.append((i, labels[cls], rank, float(p[cls])))
-    return rows
-
-
-class _Stop:
-    def __init__(self, external: threading.Event | None) -> None:
-        self.external = external
-        self.signals = 0
-
-    @property
-    def requested(self) -> bool:
-        return self.signals > 0 or (self.external is not None and self.external.is_set())
-
-    def handler(self, signum, frame) -> None:
-        self.signals += 1
-        if self.signals == 1:
-            log.info("signal %d: stopping after the current file (send again to abandon it)", signum)
-        else:
-            raise KeyboardInterrupt
+def _unlistable(folder: str, exc: OSError) -> None:
+    log.warning("cannot list %s: %s", folder, exc)
 
 
 def watch(
@@ -127,78 +67,74 @@ def watch(
     store: Store,
     *,
     once: bool = False,
-    top_k: int = 5,
-    threshold: float | None = None,
+    scoring: ScoreOptions = ScoreOptions(),
+    options: WindowOptions = WindowOptions(),
     poll_seconds: float = 5.0,
     settle_seconds: float = 10.0,
     stop: threading.Event | None = None,
     on_event: Event | None = None,
     handle_signals: bool = True,
-    **window_options,
 ) -> WatchSummary:
     """Process every recording in INBOX once, as it appears; return when ``once`` and nothing is left,
     when ``stop`` is set, or after SIGTERM/SIGINT (handled only when called from the main thread)."""
     root = os.path.abspath(os.fspath(inbox))  # paths are stored absolute: the same file under any cwd
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{root}: inbox is not a folder")
-    state = _Stop(stop)
+    state = StopRequest(stop, "the current file")
     summary = WatchSummary()
     previous: dict[str, tuple[int, int, float]] = {}  # unprocessed path -> (size, mtime_ns, stable since)
-    old_handlers = {}
-    if handle_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old_handlers[sig] = signal.signal(sig, state.handler)
 
     def event(kind: str, path: str, detail: str = "") -> None:
         log.info("%s %s %s", kind, path, detail)
         if on_event is not None:
             on_event(kind, path, detail)
 
+    def process(path: str, st: os.stat_result) -> bool:
+        return _process(path, st, encoder, store, summary, event, scoring, options)
+
     try:
-        while not state.requested:
-            waiting = False
-            seen: dict[str, tuple[int, int, float]] = {}
-            for path, st in _scan(root):
+        with state.signals_handled(handle_signals):
+            while not state.requested:
+                waiting = False
+                seen: dict[str, tuple[int, int, float]] = {}
+                for path, st in walk_audio(root, _unlistable):
+                    if state.requested:
+                        break
+                    if store.lookup(path, st.st_size, st.st_mtime_ns):
+                        continue
+                    now = time.time()
+                    before = previous.get(path)
+                    signature = (st.st_size, st.st_mtime_ns)
+                    since = before[2] if before and before[:2] == signature else (now if before else st.st_mtime)
+                    since = max(since, st.st_mtime)
+                    seen[path] = (*signature, since)
+                    if now - since < settle_seconds:
+                        waiting = True
+                        continue
+                    if not process(path, st):
+                        waiting = True  # changed while being read: it waits to settle again
+                        seen[path] = (*signature, time.time())
+                    else:
+                        seen.pop(path)
+                previous = seen
+                if once and not waiting:
+                    break
                 if state.requested:
                     break
-                if store.lookup(path, st.st_size, st.st_mtime_ns):
-                    continue
-                now = time.time()
-                before = previous.get(path)
-                signature = (st.st_size, st.st_mtime_ns)
-                since = before[2] if before and before[:2] == signature else (now if before else st.st_mtime)
-                since = max(since, st.st_mtime)
-                seen[path] = (*signature, since)
-                if now - since < settle_seconds:
-                    waiting = True
-                    continue
-                if not _process(path, st, encoder, store, summary, event, top_k, threshold, window_options):
-                    waiting = True  # changed while being read: it waits to settle again
-                    seen[path] = (*signature, time.time())
-                else:
-                    seen.pop(path)
-            previous = seen
-            if once and not waiting:
-                break
-            if state.requested:
-                break
-            _sleep(poll_seconds, state)
+                _sleep(poll_seconds, state)
     except KeyboardInterrupt:
         summary.interrupted = True
-    finally:
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
     summary.interrupted = summary.interrupted or state.signals > 0
     return summary
 
 
-def _sleep(seconds: float, state: _Stop) -> None:
+def _sleep(seconds: float, state: StopRequest) -> None:
     end = time.monotonic() + seconds
     while not state.requested and time.monotonic() < end:
         time.sleep(min(0.05, max(0.0, end - time.monotonic())))
 
 
-def _process(path, st, encoder, store, summary, event, top_k, threshold, window_options) -> bool:
+def _process(path, st, encoder, store, summary, event, scoring, options) -> bool:
     """Record one settled file; False when it changed while being read (nothing recorded)."""
     try:
         sha = sha256_file(path)
@@ -221,7 +157,7 @@ def _process(path, st, encoder, store, summary, event, top_k, threshold, window_
         summary.aliases += 1
         event("alias", path, f"same content as {other[1]} ({other[2]}): not processed again")
         return True
-    outcome = next(iter(encoder.embed_files([path], **window_options)))
+    outcome = next(iter(encoder.embed_files([path], options)))
     try:
         after = os.stat(path)
     except FileNotFoundError:
@@ -233,8 +169,8 @@ def _process(path, st, encoder, store, summary, event, top_k, threshold, window_
         _failed(store, summary, event, info, outcome.error)
         return True
     result = outcome.result
-    detections = window_detections(result.logits, encoder.labels, top_k, threshold)
-    store.record_done(info, result.starts, result.ends, result.embeddings, detections, outcome.audio_seconds)
+    found = detections(result.logits, encoder.labels, scoring)
+    store.record_done(info, result.starts, result.ends, result.embeddings, found, outcome.audio_seconds)
     summary.done += 1
     event("done", path, f"{len(result)} window(s), {outcome.audio_seconds:.1f} s")
     return True

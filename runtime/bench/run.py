@@ -1,7 +1,7 @@
 """`edgeenc bench`: latency, real-time factor, throughput, cold start and memory per backend and variant.
 
 Never imports torch. Every report carries the physical limit measured in the same run (FLOPs per
-clip from the graph: see `limits.py`; this machine's GEMM limits: see `gemm_limits.py`), measured
+clip from the graph: see `flops.py`; this machine's GEMM limits: see `gemm_limits.py`), measured
 before and after the model runs (the higher one counts; other load on the machine only lowers it).
 
 Every CPU row then shows "% of limit" = achieved FLOP/s (FLOPs per clip x clips/s) / its limit's
@@ -22,12 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend_protocol import BackendUnavailable
-from .backends import OrtBackend, select_backend
-from .bundle import read_manifest
-from .cpu_choice import key_problem, plan_for
+from edgeenc.progress import Progress
+
+from ..backends import BackendUnavailable, open_cpu_variant, plan_for, select_backend
+from ..bundle import Manifest, gated, output_names, read_manifest, variant_entry, variants
+from .flops import count_flops
 from .gemm_limits import apply_limits, limit_for, measure_limits, merge_limits
-from .limits import count_flops, machine_info, thread_env
+from .machine import machine_info, thread_env
 
 # ---------------------------------------------------------------------------------------------- audio
 
@@ -142,12 +143,12 @@ def cold_start(bundle: Path, backend: str, variant: str, threads: int | None, se
 # ---------------------------------------------------------------------------------------------- targets
 
 
-def cpu_variants(bundle: Path, manifest: dict) -> list[tuple[str, str]]:
+def cpu_variants(bundle: Path, manifest: Manifest) -> list[tuple[str, str]]:
     """(variant, precision) of model.onnx and every variant the manifest lists as passed (fp16 is GPU-only):
     ONNX Runtime files and OpenVINO precisions ("openvino:bf16")."""
     found = [("model.onnx", "fp32")]
-    for name, entry in (manifest.get("variants") or {}).items():
-        if name == "model.onnx" or not entry.get("parity") or not (bundle / plan_for(name, entry).file).is_file():
+    for name, entry in variants(manifest).items():
+        if name == "model.onnx" or not gated(entry) or not (bundle / plan_for(name, entry).file).is_file():
             continue
         if entry.get("precision") == "fp16":
             continue  # ONNX Runtime CPU has no fast fp16 kernels; the fp16 variant is for GPUs
@@ -155,30 +156,17 @@ def cpu_variants(bundle: Path, manifest: dict) -> list[tuple[str, str]]:
     return found
 
 
-def output_names(manifest: dict) -> list[str]:
-    return [o["name"] for o in manifest["outputs"] if o["name"] in ("tokens", "embedding", "logits")]
-
-
-def load_target(bundle, manifest: dict, backend: str, variant: str, threads: int | None) -> Target:
+def load_target(bundle, manifest: Manifest, backend: str, variant: str, threads: int | None) -> Target:
     bundle = Path(bundle)
-    names = [n for n in output_names(manifest) if n in ("embedding", "logits")]
-    precision = (manifest.get("variants") or {}).get(variant, {}).get("precision", "fp32")
+    names = output_names(manifest, tokens=False)
+    precision = variant_entry(manifest, variant).get("precision", "fp32")
     if backend == "cpu":
-        problem = key_problem(bundle, manifest, variant)
-        if problem:
-            raise BackendUnavailable(problem)
-        plan = plan_for(variant, (manifest.get("variants") or {}).get(variant, {"precision": "fp32"}))
-        if plan.engine == "openvino":
-            from .openvino_backend import OpenVinoBackend
-
-            runner = OpenVinoBackend(bundle / plan.file, names, precision=plan.precision, threads=threads)
-        else:
-            runner = OrtBackend(bundle / plan.file, names, provider="CPUExecutionProvider", threads=threads)
+        runner = open_cpu_variant(bundle, manifest, variant, names, threads)
     else:
         runner, _ = select_backend(bundle, manifest, names, backend, threads)
         variant = runner.description
-    quality = (manifest.get("variants") or {}).get(variant, {}).get("figures")
-    return Target(backend, variant, precision, runner, runner.description, quality)
+    figures = variant_entry(manifest, variant).get("figures")
+    return Target(backend, variant, precision, runner, runner.description, figures)
 
 
 def gpu_memory_mb() -> float | None:
@@ -203,7 +191,7 @@ def run_bench(
     warmup: int = 2,
     threads: int | None = None,
     cold: bool = True,
-    progress=None,
+    progress: Progress | None = None,
 ) -> dict:
     """The whole report as a dict (see `format_table` for the human view)."""
     say = progress or (lambda _m: None)
@@ -227,8 +215,8 @@ def run_bench(
     cpu_files = cpu_variants(bundle, manifest) if device in ("auto", "cpu") else []
     specs += [("cpu", name) for name, _ in cpu_files]
     int8_files = [name for name, precision in cpu_files if limit_for(precision) == "int8"]
-    int8_weights = next((manifest["variants"][n].get("weights") for n in int8_files
-                         if manifest["variants"][n].get("weights")), None)
+    int8_weights = next((variant_entry(manifest, n)["weights"] for n in int8_files
+                         if variant_entry(manifest, n).get("weights")), None)
 
     def limits(when: str) -> dict:
         say(f"GEMM limits ({when}): numpy and onnxruntime MatMul at {threads} threads")

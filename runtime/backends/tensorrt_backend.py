@@ -1,6 +1,6 @@
 """The TensorRT backend: a bundle's engine for this GPU, run with cuda-python (no pycuda, no torch).
 
-The rules that say which engine may run here are in engines.py. tensorrt and cuda-python are
+The rules that say which engine file may run here are in tensorrt_engines.py. tensorrt and cuda-python are
 imported only when a backend is made.
 
 cuda-python renamed its modules in 12.6.1 (`cuda.cudart` -> `cuda.bindings.runtime`) and 13.0
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engines import Profile, TensorRTUnavailable, rebuild_command, select_engine
+from .tensorrt_engines import Profile, TensorRTUnavailable, rebuild_command, select_engine
 
 ON_JETSON = Path("/etc/nv_tegra_release").exists()
 DESKTOP_TENSORRT = ("pip install 'edgeenc[tensorrt]' (CUDA 13 driver, r580+), or 'edgeenc[tensorrt-cu12]' on a "

@@ -108,8 +108,9 @@ class Stamper:
     """Capture side: source frames -> model-rate mono chunks with index and wall clock, into a ring."""
 
     def __init__(self, ring: AudioRing, source_rate: int, model_rate: int, *, resync_seconds: float = 5.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, channel: int | None = None) -> None:
         self.ring = ring
+        self.channel = channel  # 0-based channel to keep; None averages them
         self.source_rate = int(source_rate)
         self.model_rate = int(model_rate)
         self.resync_seconds = float(resync_seconds)
@@ -127,9 +128,13 @@ class Stamper:
         return soxr.ResampleStream(self.source_rate, self.model_rate, 1, dtype="float32", quality="HQ")
 
     def push(self, frames: np.ndarray) -> None:
-        """``frames``: float32 [n] or [n, channels] at the source rate, in [-1, 1]."""
+        """``frames``: float32 [n] or [n, channels] at the source rate, in [-1, 1] (averaged, or the channel
+        given at construction)."""
         now = self.clock()
-        mono = frames if frames.ndim == 1 else frames.mean(axis=1, dtype=np.float32)
+        if frames.ndim == 1:
+            mono = frames
+        else:
+            mono = frames.mean(axis=1, dtype=np.float32) if self.channel is None else frames[:, self.channel]
         mono = np.ascontiguousarray(mono, dtype=np.float32)
         out = mono if self._resampler is None else self._resampler.resample_chunk(mono, last=False)
         arrived_start = now - len(mono) / self.source_rate  # when its first sample was heard, by arrival

@@ -1,8 +1,8 @@
 """Which TensorRT engine may run here: the rules `edgeenc build` writes by and the runtime loads by.
 
-Engines are per GPU model, compute capability, SM count and TensorRT version (DESIGN.md); their
-sidecar JSON records these. Pure Python on purpose: export/tensorrt.py (build) and
-runtime/tensorrt_backend.py (load) both import it, and neither needs the other or a GPU for it.
+Engines are per GPU model, compute capability, SM count and TensorRT version; their sidecar JSON
+records these. Pure Python on purpose: export/tensorrt.py (build) and tensorrt_backend.py (load) both
+use it, and neither needs the other or a GPU for it.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backend_protocol import BackendUnavailable
+from .protocol import BackendUnavailable
 
 ENGINES_DIR = "engines"
 

@@ -1,13 +1,12 @@
-"""What this CPU's instruction set means for ONNX Runtime's int8 kernels (no torch, no onnxruntime).
+"""What this CPU's instruction set means for the reduced-precision variants (no torch, no onnxruntime).
 
-ONNX Runtime (MLAS) multiplies u8 activations by s8 weights on x86 with `vpmaddubsw` unless the CPU has
-VNNI (AVX512-VNNI, AVX-VNNI or AMX): that instruction adds two u8 x s8 products into a *saturating*
+int8: ONNX Runtime (MLAS) multiplies u8 activations by s8 weights on x86 with `vpmaddubsw` unless the CPU
+has VNNI (AVX512-VNNI, AVX-VNNI or AMX): that instruction adds two u8 x s8 products into a *saturating*
 int16, and 255 x 127 x 2 overflows it. On such CPUs (AVX2-only: Zen 1-3, Haswell to Skylake; AVX-512
-without VNNI: Skylake-X) a model with s8 weights silently loses accuracy — measured on BEATs, Zen 3:
-mean-centred embedding cosine 0.982 with s8 weights, 0.9965 with u8
-(benchmarks/investigations/int8_weights.py). u8 weights take the u8 x u8 kernel, which widens to
-int16 first and does not saturate, on every CPU.
-ARM (NEON dot products, Jetson) has no such limit.
+without VNNI: Skylake-X) a model with s8 weights silently loses accuracy (benchmarks/README.md has the
+figures); u8 weights take the u8 x u8 kernel, which widens to int16 first and does not saturate. ARM
+(NEON dot products, Jetson) has no such limit.
+bf16: without bf16 dot products in hardware OpenVINO runs a bf16 hint in fp32 or emulation.
 """
 
 from __future__ import annotations
@@ -20,28 +19,34 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # quietly runs a bf16 hint in fp32, so a bf16 variant's speed (and its label) would not hold.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+# The flags every report of a machine lists (bench, optimize's gated_on / timed_on).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
 
 
-def _cpuinfo() -> tuple[str | None, set[str] | None]:
-    """(model name, feature flags) from /proc/cpuinfo; None for what cannot be read (not Linux)."""
+def read_cpuinfo() -> tuple[str | None, set[str] | None, int | None]:
+    """(model name, feature flags, physical cores) from /proc/cpuinfo; None for what cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return None, None
-    model, flags = None, None
+        return None, None, None
+    model, flags, cores, physical = None, None, set(), None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        key = key.strip()
+        key, value = key.strip(), value.strip()
         if key in ("model name", "Model") and model is None:
-            model = value.strip()
+            model = value
         elif key in ("flags", "Features") and flags is None:
             flags = set(value.split())
-    return model, flags
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            cores.add((physical, value))
+    return model, flags, len(cores) or None
 
 
 def cpu_flags() -> set[str] | None:
     """The CPU feature flags of /proc/cpuinfo, or None where they cannot be read (not Linux)."""
-    return _cpuinfo()[1]
+    return read_cpuinfo()[1]
 
 
 def is_x86(machine: str | None = None) -> bool:
@@ -73,7 +78,7 @@ def int8_weight_type(requested: str = "auto", flags: set[str] | None = None, mac
 
 def cpu_summary() -> dict:
     """The CPU an int8 variant was gated on, as recorded in the manifest."""
-    model, flags = _cpuinfo()[0], cpu_flags()  # flags through cpu_flags(), the one seam for flags
+    model, flags = read_cpuinfo()[0], cpu_flags()  # flags through cpu_flags(), the one seam for flags
     return {"machine": platform.machine(), "cpu_model": model or platform.processor() or None,
             "vnni": None if flags is None else any(f in flags for f in VNNI_FLAGS),
             "signed_int8_saturates": signed_int8_saturates(flags),

@@ -2,7 +2,7 @@
 
 This module imports ray, so only `--engine ray` imports it (`pip install "edgeenc[ray]"`).
 
-The pipeline: the plan's ranges (runtime/archive.py) become a dataset; `map_batches` runs them through
+The pipeline: the plan's ranges (plan.py) become a dataset; `map_batches` runs them through
 :class:`EncoderActor`, which holds one Encoder (one ONNX Runtime session, loaded once per actor) and
 decodes and resamples its ranges itself, so no audio crosses the object store; the driver gathers each
 file's ranges and commits whole files to Parquet shards. One committer is what keeps the output
@@ -22,8 +22,9 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from .archive import ArchiveOutput, ArchivePlan, Recording, join_ranges
-from .encoder import EmbeddingResult, Encoder, FileOutcome
+from ..encoder import EmbeddingResult, Encoder, FileOutcome
+from ..windows import WindowOptions
+from .plan import ArchiveOutput, ArchivePlan, Recording, join_ranges
 from .urls import iter_source_blocks
 
 GPU_DEVICES = ("cuda", "trt")
@@ -36,7 +37,7 @@ class RayOptions:
     threads_per_worker: int = 1  # ONNX Runtime threads (and Ray CPUs) per actor
     device: str = "auto"
     variant: str | None = None
-    batch_size: int = 8  # windows per inference batch
+    cpu_engine: str | None = None
     ranges_per_batch: int = 8  # ranges handed to an actor at once
     shard_files: int = 64  # files per Parquet shard: what a kill can cost at most
 
@@ -68,27 +69,24 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
 class EncoderActor:
     """A Ray Data worker: one Encoder; each call embeds a batch of ranges into one row per range."""
 
-    def __init__(self, bundle: str, device: str, threads: int, variant: str | None, window_options: dict,
-                 channel: int | None) -> None:
-        self.encoder = Encoder.load(bundle, device, threads=threads, variant=variant)
-        self.window_options = dict(window_options)
-        self.channel = channel
+    def __init__(self, bundle: str, device: str, threads: int, variant: str | None, cpu_engine: str | None,
+                 options: WindowOptions) -> None:
+        self.encoder = Encoder.load(bundle, device, threads=threads, variant=variant, cpu_engine=cpu_engine)
+        self.options = options
 
     def _blocks(self, path: str, start: int, stop: int | None):
-        return iter_source_blocks(path, self.encoder.sample_rate, channel=self.channel, start=start,
+        return iter_source_blocks(path, self.encoder.sample_rate, channel=self.options.channel, start=start,
                                   stop=None if stop < 0 else stop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["path"])
         outcomes: dict[int, FileOutcome] = {}
-        options = dict(self.window_options)
-        final_policy = options.pop("last")
         # Interior ranges hold whole windows only; the run's policy is for the end of the file.
-        for policy, rows in (("drop", [i for i in range(n) if batch["stop"][i] >= 0]),
-                             (final_policy, [i for i in range(n) if batch["stop"][i] < 0])):
+        for options, rows in ((self.options.updated(last="drop"), [i for i in range(n) if batch["stop"][i] >= 0]),
+                              (self.options, [i for i in range(n) if batch["stop"][i] < 0])):
             streams = ((str(i), self._blocks(str(batch["path"][i]), int(batch["start"][i]), int(batch["stop"][i])))
                        for i in rows)
-            for outcome in self.encoder.embed_streams(streams, last=policy, **options):
+            for outcome in self.encoder.embed_streams(streams, options):
                 outcomes[int(outcome.path)] = outcome
         results = [outcomes[i].result for i in range(n)]
         empty = np.zeros(0, np.float32)
@@ -128,13 +126,12 @@ def _range_results(table: pa.Table) -> Iterator[tuple[dict, EmbeddingResult | No
                                    logits.reshape(len(starts), -1) if len(logits) else None)
 
 
-def run_on_ray(plan: ArchivePlan, output: ArchiveOutput, bundle: str, options: RayOptions,
-               window_options: dict, channel: int | None = None) -> Iterator[FileOutcome]:
+def run_on_ray(plan: ArchivePlan, output: ArchiveOutput, bundle: str, options: RayOptions) -> Iterator[FileOutcome]:
     """Run the plan in a connected Ray session; one outcome per file, yielded once its shard is written.
 
-    `window_options`: window_seconds, hop_seconds, last, as the plan was made with. Failures are reported
-    as they come and written to failures.parquet at the end (also those found while planning). Outcomes and
-    failures name files as they were given.
+    Workers cut windows with the plan's options. Failures are reported as they come and written to
+    failures.parquet at the end (also those found while planning). Outcomes and failures name files as they
+    were given.
     """
     recordings = {r.path: r for r in plan.recordings}
     failures = dict(plan.failures)
@@ -152,8 +149,7 @@ def run_on_ray(plan: ArchivePlan, output: ArchiveOutput, bundle: str, options: R
     if plan.ranges:
         rows = [{**asdict(r), "stop": -1 if r.stop is None else r.stop} for r in plan.ranges]
         actor_args = {"bundle": str(bundle), "device": options.device, "threads": options.threads_per_worker,
-                      "variant": options.variant, "channel": channel,
-                      "window_options": {**window_options, "batch_size": options.batch_size}}
+                      "variant": options.variant, "cpu_engine": options.cpu_engine, "options": plan.options}
         dataset = ray.data.from_items(rows).map_batches(
             EncoderActor, fn_constructor_kwargs=actor_args, batch_size=options.ranges_per_batch,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),

@@ -1,7 +1,7 @@
 """Live mode: windows of a never-ending source, embedded (and classified) as they arrive, into a store.
 
-The capture thread runs the source into a bounded :class:`~edgeenc.runtime.ring.AudioRing`; this
-thread takes chunks, cuts windows with :func:`~edgeenc.runtime.windows.iter_windows` (the same
+The capture thread runs the source into a bounded :class:`~.ring.AudioRing`; this thread takes
+chunks, cuts windows with :func:`edgeenc.runtime.windows.iter_windows` (the same
 policy and the same numbers as `edgeenc embed` of the audio as a file) and runs them through the
 encoder. While it keeps up, each window runs as soon as it is complete (batch of one, lowest
 latency); when it falls behind, the windows that are ready go together, up to ``batch_size``.
@@ -15,7 +15,7 @@ grid at its first sample. Audio before a drop or a restart that does not fill a 
 that closes) the final partial window follows ``last`` as for files: "short" (the default here,
 whatever the file commands' default), "pad" or "drop". On a signal the partial window is dropped.
 
-Signals: the first SIGTERM/SIGINT stops capture, runs the windows already cut (the current batch),
+Signals (stopping.py): the first SIGTERM/SIGINT stops capture, runs the windows already cut (the current batch),
 closes the stream and returns; a second one abandons the batch (its transaction rolls back).
 Nothing here prints: progress goes to ``logging`` and to ``on_event(kind, detail)``.
 """
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import re
-import signal
 import threading
 import time
 from collections import deque
@@ -34,12 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .encoder import Encoder
+from ..atomic import atomic_path
+from ..encoder import Encoder
+from ..scores import ScoreOptions, detections
+from ..windows import Batch, Window, WindowBatcher, WindowOptions, iter_windows
 from .live_store import LiveStore, utc_iso
 from .ring import END, AudioRing, Chunk, Stamper
 from .sources import Source
-from .watch import window_detections
-from .windows import LAST_POLICIES, Batch, Window, WindowBatcher, iter_windows
+from .stopping import StopRequest
 
 __all__ = ["ListenSummary", "listen"]
 
@@ -70,25 +71,10 @@ class ListenSummary:
         return (self.audio_seconds - self.dropped_seconds) / self.inference_seconds if self.inference_seconds else 0.0
 
 
-class _Stop:
-    def __init__(self, external: threading.Event | None) -> None:
-        self.external, self.signals = external, 0
-
-    @property
-    def requested(self) -> bool:
-        return self.signals > 0 or (self.external is not None and self.external.is_set())
-
-    def handler(self, signum, frame) -> None:
-        self.signals += 1
-        if self.signals > 1:
-            raise KeyboardInterrupt
-        log.info("signal %d: finishing the current batch (send again to abandon it)", signum)
-
-
 class _Segment:
     """Contiguous audio from the ring, as blocks for iter_windows, with the wall clock of each sample."""
 
-    def __init__(self, first: Chunk, ring: AudioRing, stop: _Stop, idle: Callable[[], None]) -> None:
+    def __init__(self, first: Chunk, ring: AudioRing, stop: StopRequest, idle: Callable[[], None]) -> None:
         self.start, self.segment = first.index, first.segment
         self.ring, self.stop, self.idle = ring, stop, idle
         self.rate = ring.sample_rate
@@ -113,7 +99,7 @@ class _Segment:
     def _next(self) -> Chunk | None:
         chunk = self.ring.take(0.0)
         if chunk is None:
-            self.idle()  # caught up with the source: run what is waiting instead of batching it
+            self.idle()
         while chunk is None and not self.stop.requested:
             chunk = self.ring.take(0.2)
         if chunk is END or self.stop.requested:
@@ -134,12 +120,8 @@ def listen(
     source: Source,
     *,
     source_name: str,
-    window_seconds: float | None = None,
-    hop_seconds: float | None = None,
-    last: str = "short",
-    batch_size: int = 8,
-    top_k: int = 5,
-    threshold: float | None = None,
+    options: WindowOptions = WindowOptions(last="short"),
+    scoring: ScoreOptions = ScoreOptions(),
     clips_dir: str | Path | None = None,
     buffer_seconds: float = 60.0,
     resync_seconds: float = 5.0,
@@ -148,23 +130,29 @@ def listen(
     handle_signals: bool = True,
     on_event: Event | None = None,
 ) -> ListenSummary:
-    """Listen to SOURCE until it ends, ``stop`` is set or a signal comes; every window goes into STORE."""
+    """Listen to SOURCE until it ends, ``stop`` is set or a signal comes; every window goes into STORE.
+
+    ``options`` cut the windows as for files (``last`` applies where the source ends, ``channel`` picks one
+    channel of the source instead of the mean); ``scoring`` chooses the labels stored per window.
+    """
     rate = encoder.sample_rate
-    window = window_seconds or encoder.window_seconds
+    window = options.window_seconds or encoder.window_seconds
     w = int(round(window * rate))
-    if last not in LAST_POLICIES:
-        raise ValueError(f"last must be one of {', '.join(LAST_POLICIES)}; got {last!r}")
-    if clips_dir is not None and (threshold is None or "logits" not in encoder.output_names):
+    if clips_dir is not None and (scoring.threshold is None or "logits" not in encoder.output_names):
         raise ValueError("saving clips needs a model with a classifier and a --threshold to call a detection")
-    hop = int(round((hop_seconds or window) * rate))
+    channels = getattr(source, "channels", 1)  # ffmpeg sources deliver mono
+    if options.channel is not None and options.channel >= channels:
+        raise ValueError(f"channel {options.channel} requested but {source.description} has {channels} "
+                         f"channel(s) (0-based: 0..{channels - 1})")
+    hop = int(round((options.hop_seconds or window) * rate))
     # Room for at least two windows and a hop, whatever was asked: less could never hold a whole window.
     ring = AudioRing(max(int(buffer_seconds * rate), 2 * w + hop), drop_samples=w, sample_rate=rate)
-    stamper = Stamper(ring, source.sample_rate, rate, resync_seconds=resync_seconds)
-    state, halt = _Stop(stop), threading.Event()
+    stamper = Stamper(ring, source.sample_rate, rate, resync_seconds=resync_seconds, channel=options.channel)
+    state, halt = StopRequest(stop, "the current batch"), threading.Event()
     summary = ListenSummary()
     file_id = store.open_stream(source_name, source.sample_rate)
     failure: list[BaseException] = []
-    batcher = WindowBatcher(batch_size)
+    batcher = WindowBatcher(options.batch_size)
     reported = {"at": time.monotonic(), "dropped": 0, "received": 0}
     t0, cpu0 = time.monotonic(), time.process_time()
 
@@ -182,7 +170,7 @@ def listen(
 
     def run(batches: list[Batch]) -> None:
         for batch in batches:
-            _record(batch, encoder, store, file_id, summary, top_k, threshold, clips_dir, event, totals)
+            _record(batch, encoder, store, file_id, summary, scoring, clips_dir, event, totals)
         _report_drops(ring, stamper, reported, report_seconds, event, summary)
 
     def capture() -> None:
@@ -194,47 +182,54 @@ def listen(
         finally:
             ring.close()
 
-    old_handlers = {}
-    if handle_signals and threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            old_handlers[sig] = signal.signal(sig, state.handler)
-    capture_thread = threading.Thread(target=capture, name="edgeenc-capture", daemon=True)
-    capture_thread.start()
-    try:
-        chunk = _first_chunk(ring, state)
-        while chunk is not None:
-            segment = _Segment(chunk, ring, state, lambda: run(batcher.flush()))
-            for win in iter_windows(segment.blocks(), rate, window, hop_seconds, min_samples=encoder.min_samples,
-                                    last="short"):
-                samples = win.samples
-                if len(samples) < w:  # the segment's final partial window
-                    if segment.ended != "eof" or last == "drop":
-                        continue
-                    if last == "pad":
-                        samples = np.concatenate([samples, np.zeros(w - len(samples), np.float32)])
-                start = segment.start + int(round(win.start_seconds * rate))
-                key = (start / rate, segment.start / rate + win.end_seconds, segment.wall(start))
-                run(batcher.add(key, Window(win.start_seconds, win.end_seconds, samples)))
-            chunk = segment.carry
+    def idle() -> None:  # caught up with the source: run what is waiting instead of batching it
         run(batcher.flush())
-        summary.ended = "signal" if state.signals else ("stopped" if state.requested else "end of source")
-    finally:
-        halt.set()
-        source.close()
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
-        summary.resyncs = stamper.resyncs
-        summary.max_buffered_seconds = ring.high_water / rate
-        summary.elapsed_seconds = time.monotonic() - t0
-        summary.cpu_seconds = time.process_time() - cpu0
-        store.close_stream(file_id, **totals())
+
+    capture_thread = threading.Thread(target=capture, name="edgeenc-capture", daemon=True)
+    with state.signals_handled(handle_signals):
+        capture_thread.start()
+        try:
+            for key, win in _live_windows(ring, state, idle, options, window, encoder.min_samples):
+                run(batcher.add(key, win))
+            run(batcher.flush())
+            summary.ended = "signal" if state.signals else ("stopped" if state.requested else "end of source")
+        finally:
+            halt.set()
+            source.close()
+            summary.resyncs = stamper.resyncs
+            summary.max_buffered_seconds = ring.high_water / rate
+            summary.elapsed_seconds = time.monotonic() - t0
+            summary.cpu_seconds = time.process_time() - cpu0
+            store.close_stream(file_id, **totals())
     capture_thread.join(1.0)
     if failure:
         raise failure[0]
     return summary
 
 
-def _first_chunk(ring: AudioRing, state: _Stop) -> Chunk | None:
+def _live_windows(ring: AudioRing, state: StopRequest, idle: Callable[[], None], options: WindowOptions,
+                  window: float, min_samples: int) -> Iterator[tuple[tuple[float, float, float], Window]]:
+    """((start, end, wall-clock start), window) of every window cut from the ring, segment by segment."""
+    rate = ring.sample_rate
+    w = int(round(window * rate))
+    chunk = _first_chunk(ring, state)
+    while chunk is not None:
+        segment = _Segment(chunk, ring, state, idle)
+        for win in iter_windows(segment.blocks(), rate, window, options.hop_seconds, min_samples=min_samples,
+                                last="short"):
+            samples = win.samples
+            if len(samples) < w:  # the segment's final partial window
+                if segment.ended != "eof" or options.last == "drop":
+                    continue
+                if options.last == "pad":
+                    samples = np.concatenate([samples, np.zeros(w - len(samples), np.float32)])
+            start = segment.start + int(round(win.start_seconds * rate))
+            key = (start / rate, segment.start / rate + win.end_seconds, segment.wall(start))
+            yield key, Window(win.start_seconds, win.end_seconds, samples)
+        chunk = segment.carry
+
+
+def _first_chunk(ring: AudioRing, state: StopRequest) -> Chunk | None:
     while not state.requested:
         chunk = ring.take(0.2)
         if chunk is END:
@@ -244,28 +239,26 @@ def _first_chunk(ring: AudioRing, state: _Stop) -> Chunk | None:
     return None
 
 
-def _record(batch: Batch, encoder: Encoder, store: LiveStore, file_id: int, summary: ListenSummary, top_k: int,
-            threshold: float | None, clips_dir, event: Event, totals: Callable[[], dict]) -> None:
-    finite = np.isfinite(batch.samples).all(axis=1)
-    if not finite.all():
-        summary.skipped_windows += int((~finite).sum())
-        log.warning("%d window(s) with NaN or infinite samples skipped", int((~finite).sum()))
-    rows = np.flatnonzero(finite)
+def _record(batch: Batch, encoder: Encoder, store: LiveStore, file_id: int, summary: ListenSummary,
+            scoring: ScoreOptions, clips_dir, event: Event, totals: Callable[[], dict]) -> None:
+    began = time.perf_counter()
+    rows, outputs = encoder.run_batch(batch.samples)
+    summary.inference_seconds += time.perf_counter() - began
+    skipped = len(batch.samples) - len(rows)
+    if skipped:
+        summary.skipped_windows += skipped
+        log.warning("%d window(s) with NaN or infinite samples skipped", skipped)
     if not len(rows):
         return
-    began = time.perf_counter()
-    outputs = encoder.backend.run(batch.samples[rows])
-    summary.inference_seconds += time.perf_counter() - began
     keys = [batch.keys[i] for i in rows]
-    logits = outputs.get("logits")
-    detections = window_detections(logits, encoder.labels, top_k, threshold)
+    found = detections(outputs.get("logits"), encoder.labels, scoring)
     clips = []
     if clips_dir is not None:
-        clips = [(i, _save_clip(Path(clips_dir), batch.windows[rows[i]], keys[i][2], label, score,
-                                encoder.sample_rate), label, score)
-                 for i, label, rank, score in detections if rank == 1]
+        clips = [(d.window, _save_clip(Path(clips_dir), batch.windows[rows[d.window]], keys[d.window][2], d.label,
+                                       d.score, encoder.sample_rate), d.label, d.score)
+                 for d in found if d.rank == 1]
     store.record_batch(file_id, [k[0] for k in keys], [k[1] for k in keys], [k[2] for k in keys],
-                       outputs["embedding"], detections, clips, **totals())
+                       outputs["embedding"], found, clips, **totals())
     summary.windows += len(rows)
     summary.batches += 1
     summary.clips += len(clips)
@@ -276,8 +269,6 @@ def _record(batch: Batch, encoder: Encoder, store: LiveStore, file_id: int, summ
 
 def _save_clip(folder: Path, window: Window, wall: float, label: str, score: float, rate: int) -> str:
     import soundfile as sf
-
-    from .writers import atomic_path
 
     real = int(round((window.end_seconds - window.start_seconds) * rate))  # padding is not audio
     stamp = utc_iso(wall).replace("+00:00", "Z").replace(":", "").replace("-", "")

@@ -1,8 +1,4 @@
-"""What every backend is (Polygraphy's runner idea) and the one error a missing backend raises.
-
-A module of its own so that backends.py (selection) and each backend (tensorrt_backend.py) can
-both import it without importing each other.
-"""
+"""What every backend is (Polygraphy's runner idea) and the one error a missing backend raises."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The GEMM limit a bench row is measured against: what this machine's best GEMM kernels reach here, now.
 
 fp32: the best of numpy (OpenBLAS, in a fresh process without the OPENBLAS_* / MKL_* kernel overrides,
-see `limits.gemm_gflops`) and ONNX Runtime's own MatMul (MLAS, the kernel the model runs on) on the
+see `machine.gemm_gflops`) and ONNX Runtime's own MatMul (MLAS, the kernel the model runs on) on the
 model's most expensive weight GEMM shapes and on a large square, at the bench's thread count. Both are
 reported, with the winner. int8: ONNX Runtime's MatMulInteger (u8 activations x the weight type the
 bundle's int8 files use) on the same shapes, where the CPU has VNNI or the bundle has int8 rows. bf16:
@@ -12,6 +12,7 @@ candidates too (its rows run on those kernels, not on OpenBLAS or MLAS).
 
 The one-node ONNX models are written here as protobuf bytes (a few fields of onnx.proto) because the
 runtime depends on onnxruntime only, not on the onnx package.
+numpy's probe is `machine.gemm_gflops`.
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ import time
 
 import numpy as np
 
-from .backends import import_onnxruntime
-from .isa import VNNI_FLAGS, cpu_flags, int8_weight_type
-from .limits import blas_overrides, gemm_gflops
+from ..backends import (
+    BF16_FLAGS,
+    VNNI_FLAGS,
+    BackendUnavailable,
+    compile_config,
+    cpu_flags,
+    import_onnxruntime,
+    import_openvino,
+    int8_weight_type,
+)
+from .machine import blas_overrides, gemm_gflops
 
-BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 flags; "bf16" is the ARM (aarch64) feature name
+BF16_LIMIT_FLAGS = (*BF16_FLAGS, "bf16")  # "bf16" is the ARM (aarch64) feature name
 SQUARE = 2048
 MODEL_SHAPES = 3  # the model's most expensive weight GEMM shapes probed (they hold most of its FLOPs)
 
@@ -125,8 +134,6 @@ def openvino_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: i
     """GFLOP/s of OpenVINO's CPU plugin on one MatMul with constant weights (as in the model), compiled as the
     openvino:* variants are: numpy and ONNX Runtime's CPU provider have no bf16 GEMM, so this gives the bf16
     limit (oneDNN's AVX512_BF16 / AMX kernels) and one more fp32 candidate."""
-    from .openvino_backend import compile_config, import_openvino
-
     ov = import_openvino()
     m, k, n = shape
     rng = np.random.default_rng(0)
@@ -151,8 +158,6 @@ def _ort_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int 
 
 def _openvino_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None) -> dict | None:
     """The best OpenVINO MatMul rate over `shapes` at `precision`, or None where OpenVINO is not installed."""
-    from .backend_protocol import BackendUnavailable
-
     try:
         return _best_over(shapes, lambda s: openvino_gemm_gflops(s, precision, threads))
     except BackendUnavailable:
@@ -194,7 +199,7 @@ def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: b
         probe = _ort_probe(shapes, "int8", threads, weights)
         limits["int8"] = {**probe, "winner": f"onnxruntime MatMulInteger u8 x {weights} {probe['best_shape']}",
                           "vnni": vnni, "weights": weights}
-    if any(f in flags for f in BF16_FLAGS):
+    if any(f in flags for f in BF16_LIMIT_FLAGS):
         try:
             probe = _ort_probe(shapes, "bf16", threads, "s8")
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a missing kernel

@@ -1,7 +1,7 @@
 """Archive runs spread over many workers: the plan (files cut into window ranges) and the output folder.
 
-Nothing here imports an engine: `runtime/ray_engine.py` runs a plan on Ray Data; this module decides what
-is to run and keeps the output exactly-once at the file level.
+Nothing here imports Ray: ray_run.py runs a plan on Ray Data; this module decides what is to run and keeps
+the output exactly-once at the file level.
 
 Output folder
 -------------
@@ -32,11 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import AUDIO_SUFFIXES, MP3_LENGTH_TOLERANCE, AudioError, AudioInfo
-from .encoder import EmbeddingResult, scores
+from ..atomic import atomic_path
+from ..audio import MP3_LENGTH_TOLERANCE, AudioError, AudioInfo, walk_audio
+from ..encoder import EmbeddingResult
+from ..scores import NoClassifierHead, ScoreOptions, detections
+from ..windows import WindowOptions, iter_windows
 from .urls import is_url, list_url, probe_source
-from .windows import iter_windows
-from .writers import atomic_path
 
 # Metadata a shard must share with the run that resumes it; anything else may differ (e.g. the backend).
 _RUN_KEYS = ("model_id", "checkpoint_sha256", "bundle_sha256", "run_options")
@@ -79,7 +80,7 @@ class ArchivePlan:
     failures: dict[str, str]  # path -> error, found while planning
     audio_seconds: float  # of the files to do
     sample_rate: int
-    run_options: dict = field(default_factory=dict)
+    options: WindowOptions = field(default_factory=WindowOptions)  # window filled in: what workers cut with
 
     @property
     def todo(self) -> int:
@@ -87,10 +88,10 @@ class ArchivePlan:
 
 
 def list_recordings(sources: Sequence[str | os.PathLike]) -> list[Recording]:
-    """Files as given and every audio file under the given folders (sorted, recursive, no dot files).
+    """Files as given and every audio file under the given folders (audio.walk_audio: sorted, recursive).
 
-    A source with "://" is a URL that pyarrow's filesystems read (runtime/urls.py): it is listed there and
-    its files are named by URL; raises :class:`AudioError` naming it when there is nothing at it.
+    A source with "://" is a URL that pyarrow's filesystems read (urls.py): it is listed there and its files
+    are named by URL; raises :class:`AudioError` naming it when there is nothing at it.
     """
     found = []
     for source in sources:
@@ -99,21 +100,19 @@ def list_recordings(sources: Sequence[str | os.PathLike]) -> list[Recording]:
             continue
         local = Path(source)
         if local.is_dir():
-            paths = sorted(p for p in local.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES
-                           and not p.name.startswith("."))
-        else:
-            paths = [local]
-        for path in paths:
-            try:
-                stat = path.stat()
-                found.append(Recording(str(path.resolve()), str(path), stat.st_size, stat.st_mtime_ns))
-            except OSError:
-                found.append(Recording(str(path.absolute()), str(path), -1, -1))
+            found.extend(Recording(str(Path(path).resolve()), path, stat.st_size, stat.st_mtime_ns)
+                         for path, stat in walk_audio(local))
+            continue
+        try:
+            stat = local.stat()
+            found.append(Recording(str(local.resolve()), str(local), stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            found.append(Recording(str(local.absolute()), str(local), -1, -1))
     return found
 
 
-def plan_ranges(recording: Recording, info: AudioInfo, sample_rate: int, window_seconds: float,
-                hop_seconds: float | None, range_seconds: float) -> list[Range]:
+def plan_ranges(recording: Recording, info: AudioInfo, sample_rate: int, options: WindowOptions,
+                range_seconds: float) -> list[Range]:
     """Cut a file into ranges of about `range_seconds` of whole windows each, so that workers share it.
 
     Interior ranges hold whole windows only (they are cut with last="drop"); the final range starts on a
@@ -122,8 +121,8 @@ def plan_ranges(recording: Recording, info: AudioInfo, sample_rate: int, window_
     (MP3), so the interior ranges stop short of the estimated end by a guard.
     """
     # The rounding iter_windows uses, so the ranges fall on its grid.
-    window = int(round(window_seconds * sample_rate))
-    hop = window if hop_seconds is None else int(round(hop_seconds * sample_rate))
+    window = int(round(options.window_seconds * sample_rate))
+    hop = window if options.hop_seconds is None else int(round(options.hop_seconds * sample_rate))
     length = info.frames * sample_rate // info.sample_rate
     guard = sample_rate + (int(MP3_LENGTH_TOLERANCE * length) if info.format == "MP3" else 0)
     full_windows = (length - guard - window) // hop + 1 if length - guard >= window else 0
@@ -137,12 +136,15 @@ def plan_ranges(recording: Recording, info: AudioInfo, sample_rate: int, window_
 
 
 def plan_archive(recordings: list[Recording], done: set[tuple[str, int, int]], sample_rate: int,
-                 window_seconds: float, hop_seconds: float | None, last: str, range_seconds: float) -> ArchivePlan:
-    """Everything still to do: the files not in `done`, probed and cut into ranges; unreadable ones as failures."""
-    # An invalid window, hop or policy is the run's error, not every file's.
-    list(iter_windows([], sample_rate, window_seconds, hop_seconds, last=last))
-    if range_seconds < window_seconds:
-        raise ValueError(f"range of {range_seconds:g} s is shorter than the {window_seconds:g} s window")
+                 options: WindowOptions, range_seconds: float) -> ArchivePlan:
+    """Everything still to do: the files not in `done`, probed and cut into ranges; unreadable ones as failures.
+
+    `options` must name the window (WindowOptions.with_window): ranges are cut on its grid.
+    """
+    # A window or hop under one sample is the run's error, not every file's.
+    list(iter_windows([], sample_rate, options.window_seconds, options.hop_seconds, last=options.last))
+    if range_seconds < options.window_seconds:
+        raise ValueError(f"range of {range_seconds:g} s is shorter than the {options.window_seconds:g} s window")
     skipped = [r for r in recordings if r.key in done]
     todo = [r for r in recordings if r.key not in done]
     changed = sorted({r.path for r in todo} & {path for path, _, _ in done})
@@ -168,8 +170,7 @@ def plan_archive(recordings: list[Recording], done: set[tuple[str, int, int]], s
             failures[recording.path] = info
             continue
         seconds += info.duration_seconds
-        ranges.extend(plan_ranges(recording, info, sample_rate, window_seconds, hop_seconds, range_seconds))
-    options = {"window_seconds": window_seconds, "hop_seconds": hop_seconds, "last": last}
+        ranges.extend(plan_ranges(recording, info, sample_rate, options, range_seconds))
     return ArchivePlan(recordings, skipped, ranges, failures, seconds, sample_rate, options)
 
 
@@ -189,25 +190,18 @@ def join_ranges(path: str, parts: list[EmbeddingResult], starts: list[int], samp
     )
 
 
-@dataclass(frozen=True)
-class TopK:
-    """What classify keeps of each window: the top-k labels and scores."""
-
-    labels: list[str]
-    top_k: int = 5
-    threshold: float | None = None
-    activation: str = "softmax"
-
-
 class ArchiveOutput:
     """The output folder: complete files in Parquet shards, failures beside them."""
 
-    def __init__(self, folder: str | os.PathLike, metadata: dict[str, str], top_k: TopK | None = None) -> None:
+    def __init__(self, folder: str | os.PathLike, metadata: dict[str, str], scoring: ScoreOptions | None = None,
+                 labels: list[str] | None = None) -> None:
+        """`scoring` (with the model's `labels`) for classify: each window's kept labels are stored too."""
         self.folder = Path(folder)
         self.shards = self.folder / "shards"
         self.failures_path = self.folder / "failures.parquet"
         self.metadata = dict(metadata)
-        self.top_k = top_k
+        self.scoring = scoring
+        self.labels = labels
         if self.folder.exists() and not self.folder.is_dir():
             raise ArchiveError(f"{self.folder} is a file; --engine ray writes a folder of Parquet shards")
 
@@ -245,8 +239,8 @@ class ArchiveOutput:
             "end": pa.array(np.concatenate([r.ends for r in results]), pa.float64()),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(embeddings.reshape(-1), pa.float32()), dim),
         }
-        if self.top_k is not None:
-            columns["labels"], columns["scores"] = self._top_k_columns(results)
+        if self.scoring is not None:
+            columns["labels"], columns["scores"] = self._score_columns(results)
         meta = {**self.metadata, "edgeenc_files": json.dumps([list(rec.key) for rec, _ in files])}
         table = pa.table(columns).replace_schema_metadata(meta)
         # Time first so that names sort in the order the shards were written.
@@ -255,22 +249,21 @@ class ArchiveOutput:
             pq.write_table(table, tmp)
         return path
 
-    def _top_k_columns(self, results: list[EmbeddingResult]):
+    def _score_columns(self, results: list[EmbeddingResult]):
+        """Per window, the kept labels and their scores (scores.detections, as classify writes them)."""
         import pyarrow as pa
 
-        spec = self.top_k
-        assert spec is not None
-        labels, top = [], []
+        assert self.scoring is not None
+        labels, scores = [], []
         for result in results:
             if result.logits is None:
-                raise ValueError("this bundle has no classifier head: use `edgeenc embed` for embeddings")
-            for p in scores(result.logits.astype(np.float64), spec.activation):
-                order = np.argsort(-p, kind="stable")[: max(1, spec.top_k)]
-                if spec.threshold is not None:
-                    order = order[p[order] >= spec.threshold]
-                labels.append([spec.labels[i] for i in order])
-                top.append(p[order].astype(np.float32))
-        return pa.array(labels, pa.list_(pa.string())), pa.array(top, pa.list_(pa.float32()))
+                raise NoClassifierHead(self.metadata.get("model_id"))
+            kept: list[list] = [[] for _ in range(len(result))]
+            for found in detections(result.logits, self.labels, self.scoring):
+                kept[found.window].append(found)
+            labels += [[d.label for d in window] for window in kept]
+            scores += [np.array([d.score for d in window], np.float32) for window in kept]
+        return pa.array(labels, pa.list_(pa.string())), pa.array(scores, pa.list_(pa.float32()))
 
     def write_failures(self, failures: dict[str, str]) -> None:
         import pyarrow as pa

@@ -34,10 +34,16 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "bundle_identity", "export_table", "TEST_STALL_ENV"]
+from ..bundle import bundle_identity
+
+if TYPE_CHECKING:
+    from ..encoder import Encoder
+
+__all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "export_table", "TEST_STALL_ENV"]
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +114,6 @@ class FileInfo:
     sha256: str
 
 
-def bundle_identity(bundle: Path, manifest: dict) -> tuple[str, str]:
-    """(model_id, bundle_hash): the hash is model.onnx's sha256 as the manifest records it."""
-    entry = manifest.get("files", {}).get("model.onnx")
-    if entry and entry.get("sha256"):
-        digest = str(entry["sha256"])
-    else:
-        from edgeenc.hashing import sha256_file
-
-        onnx = Path(bundle) / "model.onnx"
-        if not onnx.is_file():
-            raise StoreError(f"{bundle}: no model.onnx to identify the bundle by")
-        digest = sha256_file(onnx)
-    return str(manifest.get("model_id")), digest
-
-
 class _Lock:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -182,6 +173,12 @@ class Store:
             lock.release()
             raise
         return store
+
+    @classmethod
+    def for_encoder(cls, path: str | os.PathLike, encoder: Encoder) -> Store:
+        """Open (creating) for writing, bound to the encoder's bundle."""
+        model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
+        return cls.open(path, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim)
 
     @classmethod
     def open_reader(cls, path: str | os.PathLike) -> Store:
@@ -408,7 +405,7 @@ def stall_if_testing(n: int, path: str) -> None:
 
 def export_table(store: Store, out: str | os.PathLike) -> int:
     """Write every stored window to OUT (.csv or .parquet), streamed; returns the number of rows."""
-    from .writers import write_window_table
+    from ..writers import write_window_table
 
     meta = {k: v for k, v in store.meta().items() if k != "schema"}
     return write_window_table(out, store.iter_windows(), int(meta.get("embedding_dim", 0)), meta)

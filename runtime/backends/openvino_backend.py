@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend_protocol import BackendUnavailable
+from .protocol import BackendUnavailable
 
 # variant precision -> INFERENCE_PRECISION_HINT; an int8 IR runs its unquantised ops (front end, norms) in f32.
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
@@ -24,6 +24,14 @@ def import_openvino():
     except ImportError as exc:
         raise BackendUnavailable(f"OpenVINO is not installed ({exc}): pip install 'edgeenc[openvino]'") from exc
     return openvino
+
+
+def openvino_available() -> bool:
+    try:
+        import_openvino()
+    except BackendUnavailable:
+        return False
+    return True
 
 
 def compile_config(precision: str, threads: int | None) -> dict:

@@ -1,0 +1,173 @@
+"""The recorder commands: `watch` (a folder), `listen` (a live source), and `export-db` and `search` over their
+SQLite results file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from edgeenc.cli_common import (
+    EncoderChoice,
+    ExitStatus,
+    err,
+    fail,
+    failing_on,
+    grouped_options,
+    note,
+    open_results_store,
+    recorder_logging,
+)
+from edgeenc.runtime.scores import ScoreOptions
+from edgeenc.runtime.windows import WindowOptions
+
+
+@grouped_options
+def watch(
+    inbox: Path = typer.Argument(..., help="folder where recordings land (walked recursively)"),
+    bundle: Path = typer.Option(..., "--bundle", help="a bundle folder"),
+    db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results file (created if missing)"),
+    once: bool = typer.Option(False, "--once", help="process what is there, then exit"),
+    poll: float = typer.Option(5.0, "--poll", help="seconds between scans of INBOX"),
+    settle: float = typer.Option(10.0, "--settle", help="a file is taken once unchanged for this many seconds"),
+    quiet: bool = typer.Option(False, "--quiet", help="log only failures"),
+    scoring: ScoreOptions = ScoreOptions(),
+    windows: WindowOptions = WindowOptions(),
+    choice: EncoderChoice = EncoderChoice(),
+) -> None:
+    """Process every recording that lands in INBOX exactly once, into a crash-safe SQLite file."""
+    from edgeenc.runtime.recorder import Store
+    from edgeenc.runtime.recorder import watch as run_watch
+
+    if not inbox.is_dir():
+        fail(f"{inbox}: inbox is not a folder")
+    encoder = choice.open(bundle)
+    recorder_logging(quiet, "edgeenc.runtime.recorder.watch")
+    store = open_results_store(lambda: Store.for_encoder(db, encoder))
+
+    def on_event(kind: str, path: str, detail: str) -> None:
+        if kind == "failed":
+            err(f"{path}: {detail}")
+        elif not quiet:
+            note(f"{kind:9} {path}  {detail}")
+
+    note(f"watching {inbox} into {db} ({'once' if once else f'poll {poll:g} s, settle {settle:g} s'})")
+    with store:
+        summary = run_watch(inbox, encoder, store, once=once, scoring=scoring, options=windows, poll_seconds=poll,
+                            settle_seconds=settle, on_event=on_event)
+        totals = store.counts()
+    note(f"{summary.done} done, {summary.failed} failed, {summary.aliases} duplicate(s) this run; "
+         f"{db} holds {totals['done']} done, {totals['failed']} failed, {totals['windows']} windows"
+         + (" (stopped by signal)" if summary.interrupted else ""))
+    if once and summary.failed:
+        raise typer.Exit(ExitStatus.SOME_FILES_FAILED)
+
+
+def export_db(
+    db: Path = typer.Argument(..., help="a results file written by `edgeenc watch`"),
+    out: Path = typer.Option(..., "-o", "--out", help="output .csv or .parquet"),
+) -> None:
+    """One row per window: file, start, end, top label and score (if any), embedding."""
+    from edgeenc.runtime.recorder import Store, StoreError, export_table
+    from edgeenc.runtime.writers import WriterError
+
+    with failing_on(StoreError, WriterError), Store.open_reader(db) as store:
+        rows = export_table(store, out)
+    note(f"{rows} window(s) written to {out}")
+
+
+@grouped_options
+def search(
+    db: Path = typer.Argument(..., help="a results file written by `edgeenc watch`"),
+    audio: Path = typer.Argument(..., help="the recording to look for"),
+    bundle: Path = typer.Option(..., "--bundle", help="the bundle the results were made with"),
+    top: int = typer.Option(10, "--top", help="how many windows to list"),
+    windows: WindowOptions = WindowOptions(),
+    choice: EncoderChoice = EncoderChoice(),
+) -> None:
+    """The stored windows nearest to AUDIO (cosine over embeddings)."""
+    from edgeenc.runtime.audio import AudioError
+    from edgeenc.runtime.bundle import bundle_identity
+    from edgeenc.runtime.recorder import Store, StoreError
+
+    with failing_on(StoreError):
+        store = Store.open_reader(db)
+    with store:
+        encoder = choice.open(bundle)
+        meta = store.meta()
+        model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
+        if (meta.get("model_id"), meta.get("bundle_hash")) != (model_id, bundle_hash):
+            fail(f"{db} was made with {meta.get('model_id')} (bundle {meta.get('bundle_hash', '')[:12]}), "
+                 f"not {model_id} ({bundle_hash[:12]}): embeddings of different bundles cannot be compared")
+        with failing_on(AudioError):
+            query = encoder.embed_file(audio, windows)
+        with failing_on(StoreError):
+            hits = store.nearest(query.embeddings, top=top)
+    rows = [("file", "start", "end", "cosine")] + [(f, f"{s:.3f}", f"{e:.3f}", f"{c:.6f}") for f, s, e, c in hits]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for i, row in enumerate(rows):
+        typer.echo("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in
+                             enumerate(zip(row, widths))).rstrip())
+        if i == 0:
+            typer.echo("  ".join("-" * w for w in widths))
+    if not hits:
+        note(f"{db} holds no windows yet")
+
+
+@grouped_options
+def listen(
+    bundle: Path = typer.Option(..., "--bundle", help="a bundle folder"),
+    db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results file (created if missing)"),
+    source: str = typer.Option(..., "--source", help="- (raw PCM on stdin), default, alsa:NAME or ffmpeg:URL"),
+    pcm_format: str = typer.Option("s16le", "--format", help="stdin PCM: s16le, s32le or f32le"),
+    rate: int | None = typer.Option(None, help="stdin / device sample rate (stdin default: the model's rate)"),
+    channels: int = typer.Option(1, help="channels of the stdin PCM or to capture (averaged to mono unless "
+                                         "--channel picks one)"),
+    save_clips: Path | None = typer.Option(None, "--save-clips", help="FLAC clip of each window with a "
+                                           "detection >= --threshold into this folder"),
+    buffer: float = typer.Option(60.0, help="seconds of audio held while the encoder is behind; then the "
+                                 "oldest is dropped"),
+    resync_after: float = typer.Option(5.0, "--resync-after", help="re-anchor the wall clock when audio "
+                                       "arrives this many seconds later than its sample count says"),
+    ffmpeg: str = typer.Option("ffmpeg", "--ffmpeg", help="the ffmpeg program for ffmpeg:URL"),
+    quiet: bool = typer.Option(False, "--quiet", help="log only drops, restarts and failures"),
+    scoring: ScoreOptions = ScoreOptions(),
+    windows: WindowOptions = WindowOptions(last="short"),
+    choice: EncoderChoice = EncoderChoice(),
+) -> None:
+    """Embed (and classify) a live source window by window into a crash-safe SQLite file."""
+    from edgeenc.runtime.recorder import LiveStore, SourceError, open_source
+    from edgeenc.runtime.recorder import listen as run_listen
+
+    if save_clips is not None and scoring.threshold is None:
+        fail("--save-clips needs --threshold: the score from which a window counts as a detection")
+    encoder = choice.open(bundle)
+    if save_clips is not None and "logits" not in encoder.output_names:
+        fail(f"--save-clips needs a model with a classifier; {encoder.manifest.get('model_id')} has none")
+    recorder_logging(quiet, "edgeenc.runtime.recorder.listen")
+    with failing_on(SourceError):
+        live = open_source(source, model_rate=encoder.sample_rate, stdin=sys.stdin.buffer, fmt=pcm_format,
+                           rate=rate, channels=channels, ffmpeg=ffmpeg)
+
+    store = open_results_store(lambda: LiveStore.for_encoder(db, encoder))
+
+    def on_event(kind: str, detail: str) -> None:
+        if kind == "dropped":
+            err(f"dropped {detail}")
+        elif not quiet:
+            note(f"{kind:7} {detail}")
+
+    note(f"listening to {live.description} into {db}")
+    with store:
+        try:
+            with failing_on(ValueError):
+                summary = run_listen(encoder, store, live, source_name=source, options=windows, scoring=scoring,
+                                     clips_dir=save_clips, buffer_seconds=buffer, resync_seconds=resync_after,
+                                     on_event=on_event)
+        except SourceError as exc:
+            fail(f"{source}: {exc} (the windows so far are stored)", ExitStatus.SOURCE_FAILED)
+    note(f"{summary.ended}: {summary.audio_seconds:.1f} s of audio, {summary.windows} window(s) in "
+         f"{summary.batches} batch(es), {summary.dropped_seconds:.1f} s dropped, {summary.clips} clip(s), "
+         f"{summary.restarts} restart(s); encoder at {summary.speed:.2f}x real time, "
+         f"CPU {summary.cpu_seconds:.2f} s over {summary.elapsed_seconds:.2f} s")

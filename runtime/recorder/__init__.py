@@ -1,0 +1,12 @@
+"""The recorder: `watch` (recordings landing in a folder) and `listen` (a live source) into one crash-safe
+SQLite results file, and what reads it back (`export-db`, `search`). Built on the core's Encoder; no other
+wing is imported."""
+
+from .listen import ListenSummary, listen
+from .live_store import LiveStore
+from .sources import PCM_FORMATS, Source, SourceError, open_source
+from .store import FileInfo, Store, StoreError, StoreLocked, export_table
+from .watch import WatchSummary, watch
+
+__all__ = ["PCM_FORMATS", "FileInfo", "ListenSummary", "LiveStore", "Source", "SourceError", "Store", "StoreError",
+           "StoreLocked", "WatchSummary", "export_table", "listen", "open_source", "watch"]
