@@ -86,6 +86,13 @@ class EncoderChoice:
     cpu_engine: str | None = None
     verbose: bool = False
 
+    def __post_init__(self) -> None:
+        from edgeenc.runtime.backends import DEVICES, check_threads
+
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_threads(self.threads)
+
     def open(self, bundle: Path, device: str | None = None):
         """The Encoder, after printing which backend runs (every skipped one too with --verbose)."""
         from edgeenc.runtime import BundleError, Encoder
@@ -99,6 +106,10 @@ class EncoderChoice:
         if encoder.manifest.get("random_init"):
             note("warning: this bundle holds RANDOM weights (--random-init): outputs are meaningless")
         return encoder
+
+
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an existing output (without it, an existing "
+                                                                "output is refused unless this run resumes it)")]
 
 
 def flag_type(kind: Any, help: str, *names: str) -> Any:
@@ -177,15 +188,21 @@ def grouped_options(command: Callable) -> Callable:
 # ---------------------------------------------------------------------------------------------- files
 
 
-def audio_files(audio: Iterable[Path | str]) -> list[Path]:
-    """Files as given, and every audio file under the given folders (runtime.audio.audio_files)."""
+def audio_files(audio: Iterable[Path | str]) -> tuple[list[Path], int]:
+    """Files as given, and every audio file under the given folders (runtime.audio.audio_files); and how many
+    folders could not be listed (each said as an error: they count as failed inputs)."""
     from edgeenc.runtime.audio import audio_files as find
 
-    audio = list(audio)
-    files = [Path(p) for p in find(audio)]
-    if not files:
+    audio, unlisted = list(audio), []
+
+    def unreadable(folder: str, exc: OSError) -> None:
+        unlisted.append(folder)
+        err(f"{folder}: cannot be listed ({(exc.strerror or str(exc)).lower()}); its recordings are not included")
+
+    files = [Path(p) for p in find(audio, unreadable)]
+    if not files and not unlisted:
         fail("no audio files found in " + ", ".join(map(str, audio)))
-    return files
+    return files, len(unlisted)
 
 
 class AudioProgress:
@@ -201,14 +218,31 @@ class AudioProgress:
                         bar_format="{l_bar}{bar}| {n:.3f}/{total:.3f} h audio [{elapsed}<{remaining}] {postfix}",
                         disable=None)
 
-    def update(self, outcome) -> None:
+    def write(self, line: str) -> None:
+        self.tqdm.write(line, file=sys.stderr)
+
+    def advance(self, seconds: float) -> None:
+        """`seconds` more audio done (a range of a long file, or a whole file)."""
+        self.seconds += seconds
+        self.bar.update(round(seconds / 3600, 4))
+        self._postfix()
+
+    def count(self, outcome) -> None:
+        """A file finished or failed (its error printed)."""
         if outcome.error:
             self.failed += 1
-            self.tqdm.write(f"error: {outcome.path}: {outcome.error}", file=sys.stderr)
+            self.write(f"error: {outcome.path}: {outcome.error}")
         else:
             self.done += 1
-            self.seconds += outcome.audio_seconds
-            self.bar.update(round(outcome.audio_seconds / 3600, 4))
+        self._postfix()
+
+    def update(self, outcome) -> None:
+        """A whole file's outcome, its audio with it."""
+        self.count(outcome)
+        if not outcome.error:
+            self.advance(outcome.audio_seconds)
+
+    def _postfix(self) -> None:
         postfix = f"{self.done + self.failed}/{self.files} files, {self.failed} failed"
         if self.started is not None:
             postfix += f", {self.seconds / max(time.time() - self.started, 1e-9):.1f}x real time"
@@ -216,25 +250,6 @@ class AudioProgress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def run_files(encoder, files: list[Path], options: WindowOptions):
-    """Yield FileOutcomes with a progress bar over audio hours; errors are reported as they happen."""
-    from edgeenc.runtime.audio import AudioError, probe
-
-    total = 0.0
-    for path in files:
-        try:
-            total += probe(path).duration_seconds
-        except AudioError:
-            pass  # reported when its turn comes
-    progress = AudioProgress(total, len(files))
-    try:
-        for outcome in encoder.embed_files([str(f) for f in files], options):
-            progress.update(outcome)
-            yield outcome
-    finally:
-        progress.close()
 
 
 # ---------------------------------------------------------------------------------------------- recorder

@@ -23,6 +23,7 @@ from edgeenc.cli_common import (
     note,
     register_group,
 )
+from edgeenc.runtime.resume import DEFAULT_RANGE_SECONDS
 from edgeenc.runtime.scores import ScoreOptions
 from edgeenc.runtime.windows import WindowOptions
 
@@ -37,13 +38,15 @@ class RunStrategy:
     address: str | None = None  # Ray: join this cluster (default $RAY_ADDRESS, else a new local one)
     workers: int = 1
     threads_per_worker: int = 1
-    range_seconds: float = 600.0
+    range_seconds: float = DEFAULT_RANGE_SECONDS
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown engine {self.strategy!r}; choose {' or '.join(STRATEGIES)}")
         if self.workers < 1 or self.threads_per_worker < 1:
             raise ValueError("--workers and --threads-per-worker must be at least 1")
+        if not self.range_seconds > 0:
+            raise ValueError(f"--range-seconds must be positive, got {self.range_seconds:g}")
 
 
 register_group(RunStrategy, {
@@ -52,8 +55,8 @@ register_group(RunStrategy, {
                                                "a new local one)")),
     "workers": ("workers", flag_type(int, "--engine ray: encoder actors, each with its own model session")),
     "threads_per_worker": ("threads_per_worker", flag_type(int, "--engine ray: CPU threads (Ray CPUs) per actor")),
-    "range_seconds": ("range_seconds", flag_type(float, "--engine ray: seconds of audio per work item of a long "
-                                                      "file")),
+    "range_seconds": ("range_seconds", flag_type(float, "seconds of audio per work item of a long file: what a "
+                                                      "killed run redoes at most, and a Ray worker's share")),
 })
 
 
@@ -110,7 +113,7 @@ def run_ray_command(bundle: Path, audio: list[str], out: Path, run: RunStrategy,
                              choice.cpu_engine)
     progress = AudioProgress(plan.audio_seconds, plan.todo + len(plan.failures), started)
     try:
-        with ray_session(run.address, run.workers * run.threads_per_worker):
+        with failing_on(ConnectionError), ray_session(run.address, run.workers * run.threads_per_worker):
             for outcome in run_on_ray(plan, output, str(bundle), ray_options):
                 progress.update(outcome)
     finally:

@@ -11,6 +11,7 @@ import typer
 from edgeenc.cli_common import (
     EncoderChoice,
     ExitStatus,
+    OverwriteOpt,
     err,
     fail,
     failing_on,
@@ -37,7 +38,7 @@ def watch(
     choice: EncoderChoice = EncoderChoice(),
 ) -> None:
     """Process every recording that lands in INBOX exactly once, into a crash-safe SQLite file."""
-    from edgeenc.runtime.recorder import Store
+    from edgeenc.runtime.recorder import Store, StoreError
     from edgeenc.runtime.recorder import watch as run_watch
 
     if not inbox.is_dir():
@@ -53,7 +54,7 @@ def watch(
             note(f"{kind:9} {path}  {detail}")
 
     note(f"watching {inbox} into {db} ({'once' if once else f'poll {poll:g} s, settle {settle:g} s'})")
-    with store:
+    with store, failing_on(StoreError, ValueError):
         summary = run_watch(inbox, encoder, store, once=once, scoring=scoring, options=windows, poll_seconds=poll,
                             settle_seconds=settle, on_event=on_event)
         totals = store.counts()
@@ -67,11 +68,16 @@ def watch(
 def export_db(
     db: Path = typer.Argument(..., help="a results file written by `edgeenc watch`"),
     out: Path = typer.Option(..., "-o", "--out", help="output .csv or .parquet"),
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """One row per window: file, start, end, top label and score (if any), embedding."""
     from edgeenc.runtime.recorder import Store, StoreError, export_table
-    from edgeenc.runtime.writers import WriterError
+    from edgeenc.runtime.writers import TABLE_SUFFIXES, WriterError, check_output
 
+    with failing_on(WriterError):
+        check_output(out, TABLE_SUFFIXES)
+    if out.exists() and not overwrite:
+        fail(f"{out} exists: pass --overwrite to replace it, or -o another file")
     with failing_on(StoreError, WriterError), Store.open_reader(db) as store:
         rows = export_table(store, out)
     note(f"{rows} window(s) written to {out}")
@@ -137,7 +143,7 @@ def listen(
     choice: EncoderChoice = EncoderChoice(),
 ) -> None:
     """Embed (and classify) a live source window by window into a crash-safe SQLite file."""
-    from edgeenc.runtime.recorder import LiveStore, SourceError, open_source
+    from edgeenc.runtime.recorder import LiveStore, SourceError, StoreError, open_source
     from edgeenc.runtime.recorder import listen as run_listen
 
     if save_clips is not None and scoring.threshold is None:
@@ -161,7 +167,7 @@ def listen(
     note(f"listening to {live.description} into {db}")
     with store:
         try:
-            with failing_on(ValueError):
+            with failing_on(ValueError, StoreError):
                 summary = run_listen(encoder, store, live, source_name=source, options=windows, scoring=scoring,
                                      clips_dir=save_clips, buffer_seconds=buffer, resync_seconds=resync_after,
                                      on_event=on_event)

@@ -8,14 +8,16 @@ from pathlib import Path
 import typer
 
 from edgeenc.cli_common import (
+    AudioProgress,
     EncoderChoice,
     ExitStatus,
+    OverwriteOpt,
     audio_files,
     err,
+    fail,
     failing_on,
     grouped_options,
     note,
-    run_files,
 )
 from edgeenc.cli_ray import RunStrategy, on_ray
 from edgeenc.runtime.scores import ScoreOptions
@@ -73,31 +75,78 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     typer.echo("all file hashes match the manifest")
 
 
-def resumable_results(encoder, files: list[Path], options: WindowOptions, out: Path):
-    """Results of every readable file in order, resuming from `OUT.parts/`; returns (results, failed, parts)."""
-    from edgeenc.runtime.resume import PartFolder
+def prepare_output(out: Path, suffixes, overwrite: bool) -> None:
+    """Before any model loads: the output can be written, and an existing one is replaced only when asked
+    (--overwrite) or when this run resumes it (its OUT.parts folder is there)."""
+    from edgeenc.runtime.writers import WriterError, check_output
 
-    parts = PartFolder(out, encoder.metadata)
-    saved = {str(f): parts.load(f) for f in files}
-    todo = [f for f in files if saved[str(f)] is None]
-    if len(todo) < len(files):
-        note(f"resuming: {len(files) - len(todo)} file(s) already done in {parts.folder}")
-    failed = 0
-    for outcome in run_files(encoder, todo, options):
-        if outcome.error:
-            failed += 1
-            continue
-        parts.save(outcome.result)
-        saved[outcome.path] = outcome.result
-    return [saved[str(f)] for f in files if saved[str(f)] is not None], failed, parts
+    with failing_on(WriterError):
+        check_output(out, suffixes)
+    if out.exists() and not overwrite and not out.with_name(out.name + ".parts").is_dir():
+        fail(f"{out} exists: pass --overwrite to replace it, or -o another file")
+
+
+def resumable_results(encoder, files: list[Path], options: WindowOptions, out: Path, overwrite: bool,
+                      range_seconds: float):
+    """Results of every readable file in order, resuming from `OUT.parts/`; returns (results, failed, parts)."""
+    from edgeenc.runtime.resume import PartFolder, ResumeMismatch, plan_files, resumable_run, run_identity
+
+    parts = PartFolder(out, run_identity(encoder, options))
+    if overwrite:
+        parts.remove()
+    with failing_on(ResumeMismatch):
+        parts.check()
+    planned, total = plan_files(encoder, [str(f) for f in files], options, range_seconds)
+    progress = AudioProgress(total, len(files))
+    results, failed = {}, 0
+    try:
+        for step in failing_steps(resumable_run(encoder, planned, options, parts)):
+            if step.resumed_files or step.resumed_ranges:
+                progress.write(f"resuming: {step.resumed_files} file(s) already done in {parts.folder}"
+                               + (f", and {step.resumed_ranges} range(s) of others" if step.resumed_ranges else ""))
+            progress.advance(step.audio_seconds)
+            if step.outcome is not None:
+                progress.count(step.outcome)
+                if step.outcome.error:
+                    failed += 1
+                else:
+                    results[step.outcome.path] = step.outcome.result
+    finally:
+        progress.close()
+    return [results[str(f)] for f in files if str(f) in results], failed, parts
+
+
+def failing_steps(steps):
+    """The steps of a resumable run; a part that cannot be kept (a full disk) ends the command with its message."""
+    from edgeenc.runtime.writers import WriterError
+
+    with failing_on(WriterError):
+        yield from steps
 
 
 def finish_summary(done: int, failed: int, out: Path, parts) -> None:
-    note(f"{done} file(s) done, {failed} failed; wrote {out}")
+    """The summary line, the exit code, and the parts folder: kept while files failed, removed when all are done."""
+    if done:
+        note(f"{done} file(s) done, {failed} failed; wrote {out}")
     if failed:
-        note(f"finished files are kept in {parts.folder}: fix or remove the failed ones and run again to resume")
+        if parts.exists():
+            note(f"finished files are kept in {parts.folder}: fix or remove the failed ones and run again to "
+                 "resume")
         raise typer.Exit(ExitStatus.SOME_FILES_FAILED)
     parts.remove()
+
+
+def write_or_keep(out: Path, results: list, failed: int, write) -> None:
+    """Write the output unless no file produced results and an output is already there: then it is kept."""
+    if not results and out.exists():
+        note(f"0 file(s) done, {failed} failed: {out} is kept as it was")
+        return
+    from edgeenc.runtime.writers import WriterError
+
+    with failing_on(WriterError):
+        write()
+    if not results:
+        note(f"0 file(s) done, {failed} failed; wrote {out} with no rows")
 
 
 AudioArgument = typer.Argument(..., help="audio files or folders (walked recursively); --engine ray also takes URLs "
@@ -109,6 +158,7 @@ def embed(
     bundle: Path = typer.Argument(..., help="a bundle folder"),
     audio: list[str] = AudioArgument,
     out: Path = typer.Option(Path("embeddings.npz"), "-o", "--out", help="output .npz, .csv or .parquet"),
+    overwrite: OverwriteOpt = False,
     windows: WindowOptions = WindowOptions(),
     choice: EncoderChoice = EncoderChoice(),
     run: RunStrategy = RunStrategy(),
@@ -116,23 +166,24 @@ def embed(
     """Embed recordings: one row per window with file, start, end and the embedding."""
     import numpy as np
 
-    from edgeenc.runtime.writers import WriterError, write_embeddings
+    from edgeenc.runtime.writers import EMBEDDING_SUFFIXES, write_embeddings
 
     if on_ray(run, bundle, audio, out, windows, choice):
         return
-    files = audio_files(audio)
+    files, unlisted = audio_files(audio)
+    prepare_output(out, EMBEDDING_SUFFIXES, overwrite)
     encoder = choice.open(bundle)
-    results, failed, parts = resumable_results(encoder, files, windows, out)
+    results, failed, parts = resumable_results(encoder, files, windows, out, overwrite, run.range_seconds)
+    failed += unlisted
     dim = encoder.embedding_dim
-    with failing_on(WriterError):
-        write_embeddings(
-            out,
-            [r.file for r in results for _ in range(len(r))],
-            np.concatenate([r.starts for r in results]) if results else np.zeros(0),
-            np.concatenate([r.ends for r in results]) if results else np.zeros(0),
-            np.concatenate([r.embeddings for r in results]) if results else np.zeros((0, dim), np.float32),
-            {**encoder.metadata, "files_failed": str(failed)},
-        )
+    write_or_keep(out, results, failed, lambda: write_embeddings(
+        out,
+        [r.file for r in results for _ in range(len(r))],
+        np.concatenate([r.starts for r in results]) if results else np.zeros(0),
+        np.concatenate([r.ends for r in results]) if results else np.zeros(0),
+        np.concatenate([r.embeddings for r in results]) if results else np.zeros((0, dim), np.float32),
+        {**encoder.metadata, "files_failed": str(failed)},
+    ))
     finish_summary(len(results), failed, out, parts)
 
 
@@ -141,6 +192,7 @@ def classify(
     bundle: Path = typer.Argument(..., help="a bundle folder of a model with a classifier"),
     audio: list[str] = AudioArgument,
     out: Path = typer.Option(Path("detections.csv"), "-o", "--out", help=".csv table or .txt Raven selection table"),
+    overwrite: OverwriteOpt = False,
     scoring: ScoreOptions = ScoreOptions(),
     windows: WindowOptions = WindowOptions(),
     choice: EncoderChoice = EncoderChoice(),
@@ -148,18 +200,20 @@ def classify(
 ) -> None:
     """Classify recordings: the top-k labels with scores for every window."""
     from edgeenc.runtime.encoder import top_k_rows
-    from edgeenc.runtime.writers import WriterError, write_classifications
+    from edgeenc.runtime.writers import CLASSIFICATION_FORMATS, write_classifications
 
     if on_ray(run, bundle, audio, out, windows, choice, scoring):
         return
-    files = audio_files(audio)
+    files, unlisted = audio_files(audio)
+    prepare_output(out, CLASSIFICATION_FORMATS, overwrite)
     encoder = choice.open(bundle)
     with failing_on(ValueError):
         encoder.require_classifier()
-    results, failed, parts = resumable_results(encoder, files, windows, out)
+    results, failed, parts = resumable_results(encoder, files, windows, out, overwrite, run.range_seconds)
+    failed += unlisted
     rows = [row for r in results for row in top_k_rows(r, encoder.labels, scoring)]
     durations = {r.file: float(r.ends.max()) for r in results if len(r)}
-    with failing_on(WriterError, ValueError):
-        write_classifications(out, rows, metadata={**encoder.metadata, "activation": scoring.activation},
-                              sample_rate=encoder.sample_rate, file_durations=durations)
+    write_or_keep(out, results, failed, lambda: write_classifications(
+        out, rows, metadata={**encoder.metadata, "activation": scoring.activation}, sample_rate=encoder.sample_rate,
+        file_durations=durations))
     finish_summary(len(results), failed, out, parts)

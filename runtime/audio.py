@@ -69,9 +69,15 @@ class AudioInfo:
 def _open(path: str, file: BinaryIO | None = None) -> sf.SoundFile:
     if file is None:
         if not os.path.exists(path):
+            if os.path.islink(path):
+                raise AudioError(path, f"is a symbolic link to {os.readlink(path)!r}, which does not exist or loops")
             raise AudioError(path, "file does not exist")
         if os.path.isdir(path):
             raise AudioError(path, "is a directory, not an audio file")
+        try:
+            open(path, "rb").close()  # libsndfile says only "System error" when it may not read the file
+        except OSError as exc:
+            raise AudioError(path, f"cannot be read: {(exc.strerror or str(exc)).lower()}") from None
         empty = os.path.getsize(path) == 0
     else:
         empty = file.seek(0, os.SEEK_END) == 0
@@ -290,12 +296,14 @@ def walk_audio(folder: str | os.PathLike[str], on_error: Callable[[str, OSError]
             continue  # vanished between listing and stat
 
 
-def audio_files(sources: Iterable[str | os.PathLike[str]]) -> list[str]:
-    """Files as given, and every audio file under the given folders (see :func:`walk_audio`)."""
+def audio_files(sources: Iterable[str | os.PathLike[str]],
+                on_error: Callable[[str, OSError], None] | None = None) -> list[str]:
+    """Files as given, and every audio file under the given folders (see :func:`walk_audio`; a folder that
+    cannot be listed goes to ``on_error``)."""
     found: list[str] = []
     for source in map(Path, sources):  # names as pathlib writes them ("./a//b.wav" -> "a/b.wav")
         if source.is_dir():
-            found.extend(path for path, _ in walk_audio(source))
+            found.extend(path for path, _ in walk_audio(source, on_error))
         else:
             found.append(str(source))
     return found

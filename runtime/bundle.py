@@ -106,9 +106,54 @@ def read_manifest(bundle: Path) -> Manifest:
     if not path.is_file():
         raise BundleError(f"{bundle}: no {MANIFEST}; is this a bundle written by `edgeenc export`?")
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from exc
+    check_manifest(bundle, manifest)
+    return manifest
+
+
+# What the runtime reads of every manifest, with the JSON type each must have.
+REQUIRED = {"sample_rate": int, "window_seconds": (int, float), "embedding_dim": int, "outputs": list, "files": dict}
+
+
+def check_manifest(bundle: Path, manifest: Manifest) -> None:
+    """Raise BundleError for a manifest the runtime cannot trust: a newer format than it knows, a field it needs
+    missing or of the wrong type, or a file it names outside the bundle (absolute, `..`, a link out)."""
+    path = Path(bundle) / MANIFEST
+    damaged = "the bundle is damaged or was edited: re-export it with `edgeenc export`"
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: not a manifest (a JSON object); {damaged}")
+    version = manifest.get("format", MANIFEST_FORMAT)
+    if not isinstance(version, int) or version > MANIFEST_FORMAT:
+        raise BundleError(f"{path}: manifest format {version!r} is newer than this edgeenc reads ({MANIFEST_FORMAT}): "
+                          "upgrade edgeenc (pip install -U edgeenc), or export the bundle again with this version")
+    for name, kind in REQUIRED.items():
+        if not isinstance(manifest.get(name), kind) or isinstance(manifest.get(name), bool):
+            what = "missing" if name not in manifest else f"a {type(manifest[name]).__name__}"
+            raise BundleError(f"{path}: field {name!r} is {what}; {damaged}")
+    if not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in manifest["outputs"]):
+        raise BundleError(f"{path}: every entry of 'outputs' needs a name; {damaged}")
+    for name, entry in manifest["files"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
+            raise BundleError(f"{path}: files[{name!r}] has no sha256; {damaged}")
+    named = list(manifest["files"])
+    for key, entry in variants(manifest).items():
+        parsed = VariantKey.parse(key)
+        named.append(parsed.file(entry if isinstance(entry, dict) else None))
+    outside = [name for name in named if not inside(bundle, name)]
+    if outside:
+        raise BundleError(f"{path} names a file outside the bundle ({outside[0]!r}); a manifest may name only files "
+                          f"inside its own folder: {damaged}")
+
+
+def inside(bundle: Path, name: str) -> bool:
+    """Whether `name` is a relative path that stays inside the bundle folder, links resolved."""
+    relative = Path(name)
+    if not name or relative.is_absolute() or ".." in relative.parts:
+        return False
+    root = Path(bundle).resolve()
+    return (root / relative).resolve().is_relative_to(root)
 
 
 def verify_bundle(bundle: Path, manifest: Manifest | None = None) -> list[str]:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .audio import AudioError, iter_blocks
 from .backends import Backend, BackendUnavailable, brief_log, import_onnxruntime, select_backend
-from .bundle import BundleError, has_classifier, output_names, read_manifest, verify_bundle
+from .bundle import LABELS, BundleError, has_classifier, output_names, read_manifest, verify_bundle
 from .scores import NoClassifierHead, ScoreOptions, detections
 from .windows import Window, WindowBatcher, WindowOptions, iter_windows
 from .writers import ClassRow
@@ -49,12 +49,50 @@ class FileOutcome:
 
 
 @dataclass
+class BatchOutputs:
+    """What `Encoder.run_batch` made of a batch: outputs of the rows that ran, and the rows it refused."""
+
+    rows: np.ndarray  # indices of the windows whose outputs these are, in order
+    outputs: dict[str, np.ndarray]  # embedding[, logits], one row per index in `rows`
+    nonfinite_input: np.ndarray  # windows with NaN or infinite samples (not run)
+    nonfinite_output: np.ndarray  # windows whose outputs were not finite (dropped)
+
+
+@dataclass
+class Stream:
+    """Audio for `Encoder.embed_streams`: mono blocks at the model's rate, e.g. one range of a long file."""
+
+    name: str
+    blocks: Iterable[np.ndarray]
+    options: WindowOptions | None = None  # how this stream is cut; None: the run's options
+    offset_seconds: float = 0.0  # where its first sample lies in its file (for error messages)
+
+
+@dataclass
 class _Pending:
     path: str
+    offset: float = 0.0
     windows: list[Window] = field(default_factory=list)
     outputs: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     done_reading: bool = False
     error: str | None = None
+
+
+def _labels(bundle: Path, manifest: dict) -> list[str]:
+    """labels.json, one name per logit; class_<i> where the bundle has none."""
+    classes = int(manifest.get("num_classes") or 0)
+    path = bundle / LABELS
+    if not path.is_file():
+        return [f"class_{i}" for i in range(classes)]
+    try:
+        labels = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path}: cannot be read ({exc}); re-export the bundle") from None
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise BundleError(f"{path}: must be a JSON list of class names in logit order; re-export the bundle")
+    if classes and len(labels) != classes:
+        raise BundleError(f"{path} has {len(labels)} names for the model's {classes} classes; re-export the bundle")
+    return labels
 
 
 def _manifest_from_onnx(path: Path) -> dict:
@@ -122,12 +160,7 @@ class Encoder:
                 problems = verify_bundle(bundle, manifest)
                 if problems:
                     raise BundleError(f"{bundle}: " + "; ".join(problems) + " (re-export the bundle)")
-        labels = None
-        if has_classifier(manifest):
-            labels_path = bundle / "labels.json"
-            labels = json.loads(labels_path.read_text()) if labels_path.is_file() else None
-            if labels is None:
-                labels = [f"class_{i}" for i in range(int(manifest["num_classes"]))]
+        labels = _labels(bundle, manifest) if has_classifier(manifest) else None
         skipped: list[BackendUnavailable] = []
         backend, log = select_backend(bundle, manifest, output_names(manifest, tokens=False), device, threads,
                                       variant, skipped, cpu_engine=cpu_engine)
@@ -152,13 +185,18 @@ class Encoder:
         if "logits" not in self.output_names:
             raise NoClassifierHead(self.manifest.get("model_id"))
 
-    def run_batch(self, samples: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Run equal-length windows [n, samples] at the model's rate; rows with NaN or infinite samples are not
-        run. Returns the indices of the rows that ran and their outputs (embedding[, logits]) in that order."""
-        ran = np.flatnonzero(np.isfinite(samples).all(axis=1))
-        if not len(ran):
-            return ran, {}
-        return ran, self.backend.run(samples[ran])
+    def run_batch(self, samples: np.ndarray) -> BatchOutputs:
+        """Run equal-length windows [n, samples] at the model's rate. Rows with NaN or infinite samples are not
+        run, and rows whose outputs are not finite (samples far outside [-1, 1] overflow the filterbank) are
+        not returned: both are listed instead, so that no NaN reaches a table or a results database."""
+        finite_in = np.isfinite(samples).all(axis=1)
+        ran = np.flatnonzero(finite_in)
+        outputs = self.backend.run(samples[ran]) if len(ran) else {}
+        finite_out = np.ones(len(ran), bool)
+        for values in outputs.values():
+            finite_out &= np.isfinite(values.reshape(len(ran), -1)).all(axis=1)
+        return BatchOutputs(ran[finite_out], {name: v[finite_out] for name, v in outputs.items()},
+                            np.flatnonzero(~finite_in), ran[~finite_out])
 
     def embed(self, samples: np.ndarray, sample_rate: int, options: WindowOptions | None = None,
               **window_fields) -> EmbeddingResult:
@@ -178,7 +216,7 @@ class Encoder:
             audio = soxr.resample(audio, sample_rate, self.sample_rate, quality="HQ").astype(np.float32)
         if len(audio) < self.min_samples:
             raise ValueError(f"{len(audio)} samples is shorter than the model's minimum of {self.min_samples}")
-        outcome = next(iter(self._run_files([("<array>", [audio])], options)))
+        outcome = next(iter(self._run_files([Stream("<array>", [audio])], options)))
         if outcome.error:
             raise ValueError(outcome.error)
         assert outcome.result is not None
@@ -215,20 +253,17 @@ class Encoder:
         A bad file yields an outcome with `error` set; the others still complete.
         """
         options = (options or WindowOptions()).updated(**window_fields)
-        sources = ((str(p), iter_blocks(p, self.sample_rate, channel=options.channel)) for p in paths)
+        sources = (Stream(str(p), iter_blocks(p, self.sample_rate, channel=options.channel)) for p in paths)
         yield from self._run_files(sources, options)
 
-    def embed_streams(self, streams: Iterable[tuple[str, Iterable[np.ndarray]]],
-                      options: WindowOptions) -> Iterator[FileOutcome]:
-        """`embed_files` over (name, mono blocks at the model's rate) pairs, such as ranges of long files.
-
-        Times are relative to each stream's first sample; an AudioError from a stream fails only that one.
-        """
+    def embed_streams(self, streams: Iterable[Stream], options: WindowOptions) -> Iterator[FileOutcome]:
+        """`embed_files` over streams of audio at the model's rate, such as ranges of long files; each outcome is
+        named by its stream. Times are relative to each stream's first sample; an AudioError from a stream fails
+        only that one. Windows of all streams share batches of `options.batch_size`."""
         yield from self._run_files(streams, options)
 
     def _run_files(self, sources, options: WindowOptions) -> Iterator[FileOutcome]:
         batcher = WindowBatcher(options.batch_size)
-        window_seconds = options.window_seconds or self.window_seconds
         pending: list[_Pending] = []
 
         def run(batches) -> None:
@@ -239,24 +274,32 @@ class Encoder:
                 if not rows:
                     continue
                 try:
-                    ran, outputs = self.run_batch(batch.samples[rows])
+                    done = self.run_batch(batch.samples[rows])
                 except Exception as exc:  # a backend failure must cost only the files in this batch
                     for i in rows:
                         items[i].error = items[i].error or f"inference failed: {type(exc).__name__}: {exc}"
                     continue
                 # A non-finite window fails its own file only; the rest of the batch still ran.
-                for i in set(rows) - {rows[j] for j in ran}:
-                    items[i].error = items[i].error or "audio contains NaN or infinite samples"
-                for out_row, j in enumerate(ran):
-                    items[rows[j]].outputs[batch.keys[rows[j]][1]] = {k: v[out_row] for k, v in outputs.items()}
+                for j in done.nonfinite_input:
+                    items[rows[j]].error = items[rows[j]].error or "audio contains NaN or infinite samples"
+                for j in done.nonfinite_output:
+                    item, window = items[rows[j]], batch.windows[rows[j]]
+                    start, end = item.offset + window.start_seconds, item.offset + window.end_seconds
+                    item.error = item.error or (
+                        f"the model's output is not finite for the window {start:.3f}-{end:.3f} s (samples "
+                        f"{round(start * self.sample_rate)}-{round(end * self.sample_rate)} at "
+                        f"{self.sample_rate} Hz): sample values far outside [-1, 1]?")
+                for out_row, j in enumerate(done.rows):
+                    items[rows[j]].outputs[batch.keys[rows[j]][1]] = {k: v[out_row] for k, v in done.outputs.items()}
 
         offset = 0
-        for file_index, (path, blocks) in enumerate(sources):
-            item = _Pending(path)
+        for file_index, stream in enumerate(sources):
+            cut = stream.options or options
+            item = _Pending(stream.name, offset=stream.offset_seconds)
             pending.append(item)
             try:
-                windows = iter_windows(blocks, self.sample_rate, window_seconds, options.hop_seconds,
-                                       min_samples=self.min_samples, last=options.last)
+                windows = iter_windows(stream.blocks, self.sample_rate, cut.window_seconds or self.window_seconds,
+                                       cut.hop_seconds, min_samples=self.min_samples, last=cut.last)
                 for window_index, window in enumerate(windows):
                     item.windows.append(Window(window.start_seconds, window.end_seconds, np.empty(0, np.float32)))
                     run(batcher.add((file_index, window_index), window))

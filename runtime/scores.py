@@ -32,6 +32,10 @@ class ScoreOptions:
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose {' or '.join(ACTIVATIONS)}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold is a score between 0 and 1, got {self.threshold:g}")
 
 
 class Detection(NamedTuple):

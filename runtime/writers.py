@@ -21,16 +21,25 @@ Classifications (:func:`write_classifications`):
   appearance, as BirdNET's combined tables do.
 
 Every file is written to a temporary name in the same folder, flushed to disk and moved into
-place with ``os.replace``; an interrupted run leaves either the old file or the new one.
+place with ``os.replace``; an interrupted run (or a full disk) leaves either the old file or the new
+one. :func:`check_output` refuses an output before any work: an unknown suffix, a folder, a place that
+cannot be written, Parquet without pyarrow.
+
+Spreadsheet safety: in CSV and Raven (tab-separated) tables a text cell (file name, label) that starts
+with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is written with a leading ``'`` (OWASP's rule
+against formula injection), so that Excel or LibreOffice show it as text instead of running it. Numbers
+are written as they are; NPZ, Parquet and the SQLite results keep the raw text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import uuid
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +60,8 @@ __all__ = [
 
 EMBEDDING_SUFFIXES = (".npz", ".csv", ".parquet")
 CLASSIFICATION_FORMATS = {".csv": "csv", ".txt": "raven"}
+TABLE_SUFFIXES = (".csv", ".parquet")  # write_window_table (export-db)
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 RAVEN_COLUMNS = (
     "Selection",
     "View",
@@ -71,6 +82,10 @@ class WriterError(Exception):
     """An output that cannot be written as asked."""
 
 
+class OutputWriteError(WriterError, OSError):
+    """The system refused to write an output (a full disk, a folder that went away); the old file is kept."""
+
+
 class ParquetUnavailableError(WriterError, ImportError):
     """Parquet output was asked for but pyarrow is not installed."""
 
@@ -83,6 +98,56 @@ class ClassRow:
     rank: int  # 1-based within its window
     label: str
     score: float
+
+
+def check_output(path: str | os.PathLike[str], suffixes: Iterable[str]) -> None:
+    """Raise WriterError unless `path` can take an output: a known suffix, not a folder, Parquet's pyarrow
+    installed, and a folder that exists (or can be made) and can be written. Meant to run before any work."""
+    p = os.fspath(path)
+    suffixes = tuple(suffixes)
+    suffix = os.path.splitext(p)[1].lower()
+    if os.path.isdir(p):
+        raise WriterError(f"{p} is a folder; pass a file name ending in {' or '.join(suffixes)}")
+    if suffix not in suffixes:
+        raise WriterError(f"{p}: unsupported output format {suffix or '(no suffix)'!r}; use one of "
+                          f"{', '.join(suffixes)}")
+    if suffix == ".parquet":
+        _pyarrow(p, [s for s in suffixes if s != ".parquet"])
+    folder = os.path.dirname(os.path.abspath(p))
+    probe = os.path.join(folder, f".{os.path.basename(p)}.{uuid.uuid4().hex[:12]}.check")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.remove(probe)
+    except OSError as exc:
+        raise WriterError(f"{p}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+@contextlib.contextmanager
+def _writing(p: str) -> Iterator[None]:
+    """OSError while writing (a full disk, a folder that went away) as WriterError; the old file is kept."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputWriteError(f"{p}: cannot be written ({exc.strerror or exc}); any earlier file of that name "
+                               "is unchanged") from None
+
+
+def _pyarrow(p: str, alternatives: Sequence[str]):
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ParquetUnavailableError(
+            f'{p}: writing .parquet needs pyarrow, which is not installed; run pip install "edgeenc[parquet]" '
+            f"or choose {' or '.join(alternatives)}"
+        ) from e
+    return pa, pq
+
+
+def spreadsheet_safe(text: str) -> str:
+    """`text` for a CSV/TSV cell: prefixed with ' when a spreadsheet would read it as a formula."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text
 
 
 def _write_sidecar(path: str, metadata: Mapping[str, Any] | None) -> None:
@@ -127,13 +192,14 @@ def write_embeddings(
         )
     meta = dict(metadata or {})
 
-    if suffix == ".npz":
-        _write_npz(p, files_l, starts_a, ends_a, emb, meta)
-    elif suffix == ".csv":
-        _write_embeddings_csv(p, files_l, starts_a, ends_a, emb)
-        _write_sidecar(p, meta)
-    else:
-        _write_parquet(p, files_l, starts_a, ends_a, emb, meta)
+    with _writing(p):
+        if suffix == ".npz":
+            _write_npz(p, files_l, starts_a, ends_a, emb, meta)
+        elif suffix == ".csv":
+            _write_embeddings_csv(p, files_l, starts_a, ends_a, emb)
+            _write_sidecar(p, meta)
+        else:
+            _write_parquet(p, files_l, starts_a, ends_a, emb, meta)
 
 
 def _write_npz(
@@ -160,20 +226,13 @@ def _write_embeddings_csv(p: str, files: list[str], starts: np.ndarray, ends: np
         w.writerow(["file", "start", "end", *(f"e{i}" for i in range(emb.shape[1]))])
         for name, s, e, row in zip(files, starts.tolist(), ends.tolist(), emb, strict=True):
             # Nine significant digits round-trip any float32.
-            w.writerow([name, _float(s), _float(e), *(format(v, ".9g") for v in row.tolist())])
+            w.writerow([spreadsheet_safe(name), _float(s), _float(e), *(format(v, ".9g") for v in row.tolist())])
 
 
 def _write_parquet(
     p: str, files: list[str], starts: np.ndarray, ends: np.ndarray, emb: np.ndarray, meta: dict[str, Any]
 ) -> None:
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ParquetUnavailableError(
-            f'{p}: writing .parquet needs pyarrow, which is not installed; run pip install "edgeenc[parquet]" '
-            "or choose .npz or .csv"
-        ) from e
+    pa, pq = _pyarrow(p, [".npz", ".csv"])
     d = emb.shape[1]
     embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), d)
     table = pa.table(
@@ -211,15 +270,16 @@ def write_classifications(
         known = ", ".join(f"{s} -> {f}" for s, f in CLASSIFICATION_FORMATS.items())
         what = f"format {format!r}" if format is not None else f"suffix {suffix or '(no suffix)'!r}"
         raise WriterError(f"{p}: unsupported classification {what}; formats are csv and raven ({known})")
-    if fmt == "csv":
-        _write_classes_csv(p, rows)
-    else:
-        if sample_rate is None or sample_rate <= 0:
-            raise WriterError(
-                f"{p}: a Raven selection table needs the model's sample_rate (for High Freq = sample_rate / 2)"
-            )
-        _write_raven(p, rows, sample_rate, file_durations)
-    _write_sidecar(p, metadata)
+    if fmt == "raven" and (sample_rate is None or sample_rate <= 0):
+        raise WriterError(
+            f"{p}: a Raven selection table needs the model's sample_rate (for High Freq = sample_rate / 2)"
+        )
+    with _writing(p):
+        if fmt == "csv":
+            _write_classes_csv(p, rows)
+        else:
+            _write_raven(p, rows, sample_rate, file_durations)
+        _write_sidecar(p, metadata)
 
 
 def _write_classes_csv(p: str, rows: Sequence[ClassRow]) -> None:
@@ -227,14 +287,15 @@ def _write_classes_csv(p: str, rows: Sequence[ClassRow]) -> None:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["file", "start", "end", "rank", "label", "score"])
         for r in rows:
-            w.writerow([r.file, _float(r.start), _float(r.end), int(r.rank), r.label, _float(r.score)])
+            w.writerow([spreadsheet_safe(r.file), _float(r.start), _float(r.end), int(r.rank),
+                        spreadsheet_safe(r.label), _float(r.score)])
 
 
 def _raven_field(p: str, value: str, what: str) -> str:
     # Raven's tab-separated tables have no quoting, so a tab or newline would shift every column.
     if any(c in value for c in "\t\r\n"):
         raise WriterError(f"{p}: {what} {value!r} contains a tab or newline, which a Raven table cannot hold")
-    return value
+    return spreadsheet_safe(value)
 
 
 def _raven_offsets(p: str, rows: Sequence[ClassRow], durations: Mapping[str, float] | None) -> dict[str, float]:
@@ -290,41 +351,39 @@ def write_window_table(out: str | os.PathLike, batches: Iterable, dim: int, meta
     """
     p = os.fspath(out)
     suffix = os.path.splitext(p)[1].lower()
-    meta = dict(metadata)
-    if suffix == ".csv":
-        n = 0
-        with atomic_text(p) as f:
-            w = csv.writer(f, lineterminator="\n")
-            w.writerow(["file", "start", "end", "label", "score", *(f"e{i}" for i in range(dim))])
-            for files, starts, ends, emb, labels, top in batches:
-                for name, s, e, label, score, row in zip(files, starts.tolist(), ends.tolist(), labels,
-                                                         top.tolist(), emb):
-                    w.writerow([name, _float(s), _float(e), label or "",
-                                "" if label is None else _float(score),
-                                *(format(v, ".9g") for v in row.tolist())])
-                    n += 1
-        _write_sidecar(p, meta)
-        return n
-    if suffix == ".parquet":
-        try:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-        except ImportError as exc:
-            raise ParquetUnavailableError(
-                f'{p}: writing .parquet needs pyarrow, which is not installed; run pip install "edgeenc[parquet]" '
-                "or choose .csv"
-            ) from exc
-        schema = pa.schema([("file", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
-                            ("label", pa.string()), ("score", pa.float64()),
-                            ("embedding", pa.list_(pa.float32(), dim))], metadata=meta)
-        n = 0
-        with atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
-            for files, starts, ends, emb, labels, top in batches:
-                embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
-                score = pa.array([None if label is None else s for label, s in zip(labels, top.tolist())],
-                                 type=pa.float64())
-                pw.write_table(pa.table([pa.array(files, pa.string()), pa.array(starts), pa.array(ends),
-                                         pa.array(labels, pa.string()), score, embedding], schema=schema))
-                n += len(files)
-        return n
-    raise WriterError(f"{p}: unsupported export format {suffix or '(no suffix)'!r}; use .csv or .parquet")
+    if suffix not in TABLE_SUFFIXES:
+        raise WriterError(f"{p}: unsupported export format {suffix or '(no suffix)'!r}; use .csv or .parquet")
+    with _writing(p):
+        return (_window_table_csv if suffix == ".csv" else _window_table_parquet)(p, batches, dim, dict(metadata))
+
+
+def _window_table_csv(p: str, batches: Iterable, dim: int, meta: dict) -> int:
+    n = 0
+    with atomic_text(p) as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["file", "start", "end", "label", "score", *(f"e{i}" for i in range(dim))])
+        for files, starts, ends, emb, labels, top in batches:
+            for name, s, e, label, score, row in zip(files, starts.tolist(), ends.tolist(), labels, top.tolist(),
+                                                     emb):
+                w.writerow([spreadsheet_safe(name), _float(s), _float(e), spreadsheet_safe(label or ""),
+                            "" if label is None else _float(score), *(format(v, ".9g") for v in row.tolist())])
+                n += 1
+    _write_sidecar(p, meta)
+    return n
+
+
+def _window_table_parquet(p: str, batches: Iterable, dim: int, meta: dict) -> int:
+    pa, pq = _pyarrow(p, [".csv"])
+    schema = pa.schema([("file", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
+                        ("label", pa.string()), ("score", pa.float64()),
+                        ("embedding", pa.list_(pa.float32(), dim))], metadata=meta)
+    n = 0
+    with atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
+        for files, starts, ends, emb, labels, top in batches:
+            embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
+            score = pa.array([None if label is None else s for label, s in zip(labels, top.tolist())],
+                             type=pa.float64())
+            pw.write_table(pa.table([pa.array(files, pa.string()), pa.array(starts), pa.array(ends),
+                                     pa.array(labels, pa.string()), score, embedding], schema=schema))
+            n += len(files)
+    return n

@@ -14,8 +14,8 @@ import soundfile as sf
 
 from edgeenc.runtime import EmbeddingResult, WindowOptions
 from edgeenc.runtime.archive import ArchiveError, ArchiveOutput, list_recordings, plan_archive
-from edgeenc.runtime.archive.plan import plan_ranges
 from edgeenc.runtime.audio import AudioInfo, iter_blocks, load
+from edgeenc.runtime.ranges import plan_ranges
 from edgeenc.runtime.windows import iter_windows
 
 RATE = 100  # samples per second: windows of a few hundred samples keep the cases fast
@@ -34,7 +34,7 @@ def test_ranges_cut_exactly_the_windows_of_the_whole_file(hop, last):
         samples = rng.standard_normal(int(seconds * RATE)).astype(np.float32)
         info = AudioInfo("x.wav", RATE, 1, len(samples), len(samples) / RATE, "WAV", "FLOAT")
         recording = list_recordings([__file__])[0]
-        ranges = plan_ranges(recording, info, RATE, WindowOptions(10.0, hop), 40.0)
+        ranges = plan_ranges(recording.path, info, RATE, WindowOptions(10.0, hop), 40.0)
         assert [r.index for r in ranges] == list(range(len(ranges))) and ranges[-1].stop is None
         assert all(r.count == len(ranges) for r in ranges)
         if seconds >= 200:

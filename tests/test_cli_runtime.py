@@ -322,19 +322,30 @@ def test_a_changed_file_is_not_resumed_from_a_stale_part(tiny_eat_bundle, birds_
 
     import soundfile as sf
 
+    from edgeenc.hashing import sha256_file
+    from edgeenc.runtime import WindowOptions
     from edgeenc.runtime.encoder import Encoder
-    from edgeenc.runtime.resume import PartFolder
+    from edgeenc.runtime.resume import PartFolder, plan_files, run_identity
 
     samples, rate = sf.read(birds_wav, dtype="float32")
     wav = tmp_path / "a.wav"
     sf.write(wav, samples[: 3 * rate], rate)
     encoder = Encoder.load(tiny_eat_bundle[0], "cpu")
-    parts = PartFolder(tmp_path / "out.npz", encoder.metadata)
-    parts.save(encoder.embed_file(wav))
-    assert parts.load(wav) is not None
+    (planned,), _ = plan_files(encoder, [str(wav)], WindowOptions())
+    piece = planned.ranges[0]
+    parts = PartFolder(tmp_path / "out.npz", run_identity(encoder, WindowOptions()))
+    parts.save(wav, piece, encoder.embed_file(wav), sha256_file(wav))
+    assert parts.load(wav, piece, sha256_file(wav)) is not None
     sf.write(wav, samples[: 4 * rate], rate)
     os.utime(wav, ns=(1, 1))
-    assert parts.load(wav) is None
+    assert parts.load(wav, piece, sha256_file(wav)) is None
+    # Same name, size and mtime, other content: the sha256 kept in the part tells them apart.
+    sf.write(wav, samples[: 3 * rate], rate)
+    os.utime(wav, ns=(1, 1))
+    parts.save(wav, piece, encoder.embed_file(wav), sha256_file(wav))
+    sf.write(wav, samples[rate: 4 * rate], rate)
+    os.utime(wav, ns=(1, 1))
+    assert parts.load(wav, piece, sha256_file(wav)) is None
 
 
 def test_embed_parquet_opens_in_pandas(tiny_eat_bundle, birds_wav, tmp_path):

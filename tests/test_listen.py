@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from stall import STALLING_CLI, stall_env
 
 from edgeenc.runtime import ScoreOptions, WindowOptions
 from edgeenc.runtime.audio import load
 from edgeenc.runtime.encoder import Encoder
 from edgeenc.runtime.recorder import LiveStore, listen
 from edgeenc.runtime.recorder.sources import FfmpegSource, PcmSource, SoundDeviceSource, SourceError, open_source
-from edgeenc.runtime.recorder.store import TEST_STALL_ENV
 
 BIRDS = resources.files("edgeenc") / "data" / "birds_10s.wav"  # 32 kHz int16 mono, 10.133 s
 CLI = [sys.executable, "-c", "from edgeenc.cli import main; main()"]
@@ -225,8 +225,8 @@ def test_kill9_mid_batch_then_restart_leaves_no_duplicate_or_torn_rows(bundle, b
     samples, _ = birds
     db, marker = tmp_path / "r.sqlite", tmp_path / "stalled"
     args = listen_cmd(bundle, db, "--window", "1", "--batch", "2")
-    proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, TEST_STALL_ENV: f"3:{marker}"})
+    proc = subprocess.Popen([*STALLING_CLI, *args[len(CLI):]], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=stall_env(3, marker))
     lines: list[str] = []
     reader = _reader(proc.stderr, lines)
     try:

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from stall import STALLING_CLI, stall_env
 
 from edgeenc.runtime import ScoreOptions
 from edgeenc.runtime.encoder import Encoder
 from edgeenc.runtime.recorder import Store, watch
-from edgeenc.runtime.recorder.store import TEST_STALL_ENV, StoreLocked
+from edgeenc.runtime.recorder.store import StoreLocked
 
 RATE = 16000
 
@@ -83,9 +84,8 @@ def test_kill9_inside_a_file_transaction_loses_and_duplicates_nothing(bundle, tm
     db, marker = tmp_path / "results.sqlite", tmp_path / "stalled"
     args = ("watch", str(inbox), "--bundle", str(bundle), "--db", str(db), "--once", "--settle", "0",
             "--poll", "0.05", "--device", "cpu")
-    proc = subprocess.Popen([sys.executable, "-c", "from edgeenc.cli import main; main()", *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, TEST_STALL_ENV: f"3:{marker}"})
+    proc = subprocess.Popen([*STALLING_CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=stall_env(3, marker))
     try:
         deadline = time.time() + 60
         while not marker.exists() and proc.poll() is None and time.time() < deadline:

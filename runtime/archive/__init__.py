@@ -4,13 +4,13 @@ Parquet shards written exactly once per file, and recordings named by URL (s3://
 `RayOptions`, `ray_session` and `run_on_ray` import Ray when first used (the `ray` extra); the rest does not.
 """
 
-from .plan import ArchiveError, ArchiveOutput, ArchivePlan, Recording, join_ranges, list_recordings, plan_archive
+from .plan import ArchiveError, ArchiveOutput, ArchivePlan, Recording, list_recordings, plan_archive
 from .urls import is_url, iter_source_blocks, probe_source
 
 _ON_RAY = ("RayOptions", "ray_session", "run_on_ray")
 
 __all__ = ["ArchiveError", "ArchiveOutput", "ArchivePlan", "Recording", "is_url", "iter_source_blocks",
-           "join_ranges", "list_recordings", "plan_archive", "probe_source", *_ON_RAY]
+           "list_recordings", "plan_archive", "probe_source", *_ON_RAY]
 
 
 def __getattr__(name: str):

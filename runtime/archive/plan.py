@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_path
-from ..audio import MP3_LENGTH_TOLERANCE, AudioError, AudioInfo, walk_audio
+from ..audio import AudioError, AudioInfo, walk_audio
 from ..encoder import EmbeddingResult
+from ..ranges import Range, plan_ranges
 from ..scores import NoClassifierHead, ScoreOptions, detections
 from ..windows import WindowOptions, iter_windows
 from .urls import is_url, list_url, probe_source
@@ -59,17 +60,6 @@ class Recording:
     @property
     def key(self) -> tuple[str, int, int]:
         return (self.path, self.size, self.mtime_ns)
-
-
-@dataclass(frozen=True)
-class Range:
-    """Samples [start, stop) of a file at the model's rate; the final range (stop None) runs to the end."""
-
-    path: str
-    index: int
-    count: int
-    start: int
-    stop: int | None
 
 
 @dataclass
@@ -111,30 +101,6 @@ def list_recordings(sources: Sequence[str | os.PathLike]) -> list[Recording]:
     return found
 
 
-def plan_ranges(recording: Recording, info: AudioInfo, sample_rate: int, options: WindowOptions,
-                range_seconds: float) -> list[Range]:
-    """Cut a file into ranges of about `range_seconds` of whole windows each, so that workers share it.
-
-    Interior ranges hold whole windows only (they are cut with last="drop"); the final range starts on a
-    window of the whole file's grid and runs to the end, so the run's last-window policy applies there
-    exactly as when the whole file is cut at once. Lengths come from the header, which can be a little off
-    (MP3), so the interior ranges stop short of the estimated end by a guard.
-    """
-    # The rounding iter_windows uses, so the ranges fall on its grid.
-    window = int(round(options.window_seconds * sample_rate))
-    hop = window if options.hop_seconds is None else int(round(options.hop_seconds * sample_rate))
-    length = info.frames * sample_rate // info.sample_rate
-    guard = sample_rate + (int(MP3_LENGTH_TOLERANCE * length) if info.format == "MP3" else 0)
-    full_windows = (length - guard - window) // hop + 1 if length - guard >= window else 0
-    per_range = max(1, int(round(range_seconds * sample_rate / hop)))
-    interior = max(0, (full_windows - 1) // per_range)
-    count = interior + 1
-    ranges = [Range(recording.path, j, count, j * per_range * hop, (j * per_range + per_range - 1) * hop + window)
-              for j in range(interior)]
-    ranges.append(Range(recording.path, interior, count, interior * per_range * hop, None))
-    return ranges
-
-
 def plan_archive(recordings: list[Recording], done: set[tuple[str, int, int]], sample_rate: int,
                  options: WindowOptions, range_seconds: float) -> ArchivePlan:
     """Everything still to do: the files not in `done`, probed and cut into ranges; unreadable ones as failures.
@@ -170,24 +136,8 @@ def plan_archive(recordings: list[Recording], done: set[tuple[str, int, int]], s
             failures[recording.path] = info
             continue
         seconds += info.duration_seconds
-        ranges.extend(plan_ranges(recording, info, sample_rate, options, range_seconds))
+        ranges.extend(plan_ranges(recording.path, info, sample_rate, options, range_seconds))
     return ArchivePlan(recordings, skipped, ranges, failures, seconds, sample_rate, options)
-
-
-def join_ranges(path: str, parts: list[EmbeddingResult], starts: list[int], sample_rate: int) -> EmbeddingResult:
-    """One file's result from its ranges' (times relative to each range's first sample `starts[i]`)."""
-    def absolute(seconds: np.ndarray, offset: int) -> np.ndarray:
-        # Whole samples, then one division, as iter_windows computes the times of the whole file.
-        return (np.round(seconds * sample_rate).astype(np.int64) + offset) / sample_rate
-
-    logits = [p.logits for p in parts if p.logits is not None]
-    return EmbeddingResult(
-        path,
-        np.concatenate([absolute(p.starts, s) for p, s in zip(parts, starts)]),
-        np.concatenate([absolute(p.ends, s) for p, s in zip(parts, starts)]),
-        np.concatenate([p.embeddings for p in parts]).astype(np.float32),
-        np.concatenate(logits) if len(logits) == len(parts) and logits else None,
-    )
 
 
 class ArchiveOutput:

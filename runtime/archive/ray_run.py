@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -22,9 +24,10 @@ import pyarrow as pa
 import ray
 import ray.data
 
-from ..encoder import EmbeddingResult, Encoder, FileOutcome
+from ..encoder import EmbeddingResult, Encoder, FileOutcome, Stream
+from ..ranges import join_ranges
 from ..windows import WindowOptions
-from .plan import ArchiveOutput, ArchivePlan, Recording, join_ranges
+from .plan import ArchiveOutput, ArchivePlan, Recording
 from .urls import iter_source_blocks
 
 GPU_DEVICES = ("cuda", "trt")
@@ -48,22 +51,41 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[No
 
     A session this process is already connected to is used and left as it was.
     """
+    given = "--address" if address else "RAY_ADDRESS"
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         yield
         return
+    if address:
+        check_reachable(address, given)
     quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
     # The commands print their own progress; Ray Data's would interleave with it.
     ray.data.DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     if address:
-        ray.init(address=address, **quiet)
+        try:
+            ray.init(address=address, **quiet)
+        except ConnectionError as exc:
+            raise ConnectionError(f"cannot join the Ray cluster at {address} ({given}): {exc}") from None
     else:
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_cpus or 1), include_dashboard=False, **quiet)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+def check_reachable(address: str, given: str, timeout: float = 5.0) -> None:
+    """ConnectionError at once when a host:port (or ray://host:port) cluster address does not answer; Ray itself
+    retries for tens of seconds first."""
+    found = re.fullmatch(r"(?:ray://)?\[?([^\]/]+?)\]?:(\d+)", address)
+    if not found:
+        return  # "auto", "local" and other forms Ray resolves itself
+    try:
+        socket.create_connection((found.group(1), int(found.group(2))), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address} ({given}): {exc.strerror or exc}; start "
+                              "it (ray start --head) or correct the address") from None
 
 
 class EncoderActor:
@@ -82,12 +104,12 @@ class EncoderActor:
         n = len(batch["path"])
         outcomes: dict[int, FileOutcome] = {}
         # Interior ranges hold whole windows only; the run's policy is for the end of the file.
-        for options, rows in ((self.options.updated(last="drop"), [i for i in range(n) if batch["stop"][i] >= 0]),
-                              (self.options, [i for i in range(n) if batch["stop"][i] < 0])):
-            streams = ((str(i), self._blocks(str(batch["path"][i]), int(batch["start"][i]), int(batch["stop"][i])))
-                       for i in rows)
-            for outcome in self.encoder.embed_streams(streams, options):
-                outcomes[int(outcome.path)] = outcome
+        rate = self.encoder.sample_rate
+        streams = (Stream(str(i), self._blocks(str(batch["path"][i]), int(batch["start"][i]), int(batch["stop"][i])),
+                          self.options if batch["stop"][i] < 0 else self.options.updated(last="drop"),
+                          int(batch["start"][i]) / rate) for i in range(n))
+        for outcome in self.encoder.embed_streams(streams, self.options):
+            outcomes[int(outcome.path)] = outcome
         results = [outcomes[i].result for i in range(n)]
         empty = np.zeros(0, np.float32)
         return pa.table({

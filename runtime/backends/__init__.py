@@ -23,7 +23,7 @@ from .onnxruntime_backend import CPU_DISABLED_OPTIMIZERS, import_onnxruntime, on
 from .openvino_backend import PRECISIONS as OPENVINO_PRECISIONS
 from .openvino_backend import compile_config, import_openvino, openvino_available, openvino_version
 from .protocol import Backend, BackendUnavailable
-from .selection import DEVICES, brief_log, open_cpu_backend, open_cpu_variant, select_backend
+from .selection import DEVICES, brief_log, check_threads, open_cpu_backend, open_cpu_variant, select_backend
 from .tensorrt_backend import TensorRTBackend, gpu_identity, require_tensorrt, tensorrt_version
 from .tensorrt_engines import (
     ENGINES_DIR,
@@ -41,8 +41,8 @@ from .tensorrt_engines import (
 __all__ = [
     "BF16_FLAGS", "CPU_DISABLED_OPTIMIZERS", "CPU_ENGINES", "DEVICES", "ENGINES_DIR", "ISA_FLAGS",
     "OPENVINO_PRECISIONS", "VNNI_FLAGS", "Backend", "BackendUnavailable", "CpuPlan", "Profile", "TensorRTBackend",
-    "TensorRTUnavailable", "bf16_variant_problem", "brief_log", "compile_config", "cpu_flags", "cpu_model",
-    "cpu_summary", "device_key", "engine_file_name", "engine_sidecars", "gpu_identity", "has_bf16",
+    "TensorRTUnavailable", "bf16_variant_problem", "brief_log", "check_threads", "compile_config", "cpu_flags",
+    "cpu_model", "cpu_summary", "device_key", "engine_file_name", "engine_sidecars", "gpu_identity", "has_bf16",
     "import_onnxruntime", "import_openvino", "int8_variant_problem", "int8_weight_type", "key_problem",
     "onnx_cpu_backend", "open_cpu_backend", "open_cpu_variant", "openvino_available", "openvino_version",
     "plan_cpu", "plan_for", "read_cpuinfo", "rebuild_command", "refusal_message", "require_tensorrt",

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import BundleError
 from .protocol import Backend, BackendUnavailable
 
 # ONNX Runtime graph rewrites that make BEATs / EAT slower on the CPU (SkipLayerNormFusion: its fused kernel is
@@ -65,7 +66,11 @@ class OrtBackend:
             options_cuda = cuda_provider_options(ort)
             providers.insert(1, ("CUDAExecutionProvider", options_cuda) if options_cuda else "CUDAExecutionProvider")
         extra = {"disabled_optimizers": list(CPU_DISABLED_OPTIMIZERS)} if provider == "CPUExecutionProvider" else {}
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers, **extra)
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers, **extra)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a file it cannot load
+            raise BundleError(f"{model_path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:300]}); "
+                              "re-export the bundle") from None
         active = self.session.get_providers()
         if active[0] != provider:
             raise BackendUnavailable(
@@ -76,6 +81,7 @@ class OrtBackend:
         self.name = {"CPUExecutionProvider": "cpu", "TensorrtExecutionProvider": "trt"}.get(provider, "cuda")
         thread_note = f", {threads} threads" if threads else ""
         self.description = f"onnxruntime {ort.__version__} {provider} ({Path(model_path).name}{thread_note})"
+        self.variant = f"{Path(model_path).name} on onnxruntime {provider}"
 
     def run(self, audio: np.ndarray) -> dict[str, np.ndarray]:
         feed = {"audio": np.ascontiguousarray(audio, dtype=np.float32)}

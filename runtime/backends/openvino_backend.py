@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..bundle import BundleError
 from .protocol import BackendUnavailable
 
 # variant precision -> INFERENCE_PRECISION_HINT; an int8 IR runs its unquantised ops (front end, norms) in f32.
@@ -63,7 +64,12 @@ class OpenVinoBackend:
             raise ValueError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         ov = import_openvino()
         core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", compile_config(precision, threads))
+        try:
+            model = core.read_model(str(model_path))
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError-like types of its own
+            raise BundleError(f"{model_path}: OpenVINO cannot read it ({str(exc).splitlines()[0][:300]}); "
+                              "re-export the bundle") from None
+        self.compiled = core.compile_model(model, "CPU", compile_config(precision, threads))
         got = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         wanted = PRECISIONS[precision]
         if got != wanted:  # OpenVINO falls back to f32 silently where the CPU has no bf16
@@ -74,6 +80,7 @@ class OpenVinoBackend:
         used = self.compiled.get_property("INFERENCE_NUM_THREADS")
         version = openvino_version() or ov.__version__
         self.description = f"openvino {version} CPU {precision} ({Path(model_path).name}, {used} threads)"
+        self.variant = f"{Path(model_path).name} on openvino CPU {precision}"
 
     def run(self, audio: np.ndarray) -> dict[str, np.ndarray]:
         results = self.request.infer({"audio": np.ascontiguousarray(audio, dtype=np.float32)})

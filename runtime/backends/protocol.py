@@ -22,6 +22,7 @@ class BackendUnavailable(RuntimeError):
 class Backend(Protocol):
     name: str  # "trt", "cuda" or "cpu"
     description: str  # what actually runs, e.g. "onnxruntime 1.32.0 CPUExecutionProvider, 2 threads"
+    variant: str  # what computes the numbers, without settings that do not change them (threads, versions)
 
     def run(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
 

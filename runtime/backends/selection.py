@@ -42,7 +42,7 @@ def select_backend(
         raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
     check_cpu_engine(cpu_engine)
     bundle = Path(bundle)
-    threads = threads or _default_threads()
+    threads = check_threads(threads) or _default_threads()
     notes: list[str] = []
     attempts = {
         "trt": lambda: TensorRTBackend.from_bundle(bundle, manifest, output_names),
@@ -77,6 +77,7 @@ def open_cpu_variant(bundle: Path, manifest: Manifest, key: str | VariantKey, ou
                      threads: int | None) -> Backend:
     """The CPU backend of one gated variant (an ONNX Runtime file or an OpenVINO precision), or
     BackendUnavailable saying why it cannot run here; what `bench` and `optimize` time."""
+    check_threads(threads)
     problem = key_problem(Path(bundle), manifest, key)
     if problem:
         raise BackendUnavailable(problem)
@@ -113,6 +114,26 @@ def brief_log(notes: list[str], skipped: list[BackendUnavailable]) -> list[str]:
     return notes
 
 
+THREADS_PER_CPU = 8  # more CPU threads than this per core only thrash (and ten thousand hang ONNX Runtime)
+
+
+def check_threads(threads: int | None, what: str = "--threads") -> int | None:
+    """`threads` when it is a sensible thread count for this machine, else ValueError naming `what`."""
+    if threads is None:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not 1 <= threads <= THREADS_PER_CPU * cpus:
+        raise ValueError(f"{what} must be between 1 and {THREADS_PER_CPU * cpus} ({THREADS_PER_CPU} per CPU this "
+                         f"process may use, {cpus}), got {threads}")
+    return threads
+
+
 def _default_threads() -> int | None:
     value = os.environ.get("EDGEENC_THREADS")
-    return int(value) if value else None
+    if not value:
+        return None
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(f"EDGEENC_THREADS must be a whole number of threads, got {value!r}") from None
+    return check_threads(threads, "EDGEENC_THREADS")

@@ -189,6 +189,7 @@ class TensorRTBackend:
         self._stream = _cuda(cudart.cudaStreamCreate())
         gpu = (sidecar or {}).get("gpu") or gpu_identity(cudart)
         precision = (sidecar or {}).get("precision", "unknown-precision")
+        self.variant = f"{engine_path.name} on TensorRT {precision}"
         self.description = (f"TensorRT {trt.__version__} {precision} engine {engine_path.name} on {gpu['name']} "
                             f"(compute capability {gpu['compute_capability']}), {self.profile.describe()}")
 

@@ -109,8 +109,10 @@ def engine_sidecars(bundle: Path) -> list[tuple[Path, dict]]:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(data, dict) and "engine" in data:
-            found.append((path.parent / data["engine"], data))
+        # An engine is named by its file name beside the sidecar, never by a path elsewhere.
+        engine = data.get("engine") if isinstance(data, dict) else None
+        if isinstance(engine, str) and engine not in ("", ".", "..") and Path(engine).name == engine:
+            found.append((path.parent / engine, data))
     return found
 
 

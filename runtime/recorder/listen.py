@@ -55,7 +55,7 @@ class ListenSummary:
     dropped_seconds: float = 0.0
     windows: int = 0
     batches: int = 0
-    skipped_windows: int = 0  # windows with NaN / inf samples (f32le input), not run
+    skipped_windows: int = 0  # windows with NaN / inf samples (f32le input) or non-finite outputs, not stored
     clips: int = 0
     restarts: int = 0
     resyncs: int = 0  # times the wall clock was re-anchored after a stall
@@ -135,6 +135,9 @@ def listen(
     ``options`` cut the windows as for files (``last`` applies where the source ends, ``channel`` picks one
     channel of the source instead of the mean); ``scoring`` chooses the labels stored per window.
     """
+    for name, value in (("buffer", buffer_seconds), ("resync", resync_seconds), ("report", report_seconds)):
+        if not value > 0:
+            raise ValueError(f"{name} seconds must be positive, got {value:g}")
     rate = encoder.sample_rate
     window = options.window_seconds or encoder.window_seconds
     w = int(round(window * rate))
@@ -242,12 +245,15 @@ def _first_chunk(ring: AudioRing, state: StopRequest) -> Chunk | None:
 def _record(batch: Batch, encoder: Encoder, store: LiveStore, file_id: int, summary: ListenSummary,
             scoring: ScoreOptions, clips_dir, event: Event, totals: Callable[[], dict]) -> None:
     began = time.perf_counter()
-    rows, outputs = encoder.run_batch(batch.samples)
+    done = encoder.run_batch(batch.samples)
     summary.inference_seconds += time.perf_counter() - began
-    skipped = len(batch.samples) - len(rows)
-    if skipped:
-        summary.skipped_windows += skipped
-        log.warning("%d window(s) with NaN or infinite samples skipped", skipped)
+    rows, outputs = done.rows, done.outputs
+    for refused, what in ((done.nonfinite_input, "NaN or infinite samples"),
+                          (done.nonfinite_output, "outputs that are not finite (samples far outside [-1, 1]?)")):
+        if len(refused):
+            summary.skipped_windows += len(refused)
+            log.warning("%d window(s) with %s skipped, the first at %s", len(refused), what,
+                        utc_iso(batch.keys[refused[0]][2]))
     if not len(rows):
         return
     keys = [batch.keys[i] for i in rows]

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .store import Store, stall_if_testing
+from .store import Store
 
 __all__ = ["LiveStore", "utc_iso"]
 
@@ -65,7 +65,6 @@ class LiveStore(Store):
     def _bind(self, model_id: str, bundle_hash: str, embedding_dim: int) -> None:
         super()._bind(model_id, bundle_hash, embedding_dim)
         self.conn.executescript(_LIVE_SCHEMA)
-        self._batches = 0
 
     def open_stream(self, source: str, sample_rate: int) -> int:
         """A new stream row (and its virtual file); returns its file id."""
@@ -111,8 +110,6 @@ class LiveStore(Store):
             c.executemany("INSERT INTO clips (window_id, path, label, score) VALUES (?, ?, ?, ?)",
                           [(ids[i], path, label, score) for i, path, label, score in clips])
             self._totals(c, file_id, audio_seconds, dropped_seconds, restarts)
-            self._batches += 1
-            stall_if_testing(self._batches, f"stream {file_id}")
 
     def close_stream(self, file_id: int, *, audio_seconds: float, dropped_seconds: float, restarts: int = 0) -> None:
         with self._transaction() as c:

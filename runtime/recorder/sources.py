@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 # format -> (numpy dtype, full scale): integers are scaled to [-1, 1) as soundfile scales WAV samples.
 PCM_FORMATS = {"s16le": ("<i2", 32768.0), "s32le": ("<i4", 2147483648.0), "f32le": ("<f4", 1.0)}
+MIN_RATE, MAX_RATE = 1000, 768000  # Hz: what sound cards, recorders and PCM pipes deliver
 # An ffmpeg connection that delivered this much audio was a working stream: the next back-off starts over.
 _HEALTHY_SECONDS = 10.0
 
@@ -241,8 +242,11 @@ def _collect(stream: BinaryIO, lines: deque[str]) -> None:
 def open_source(spec: str, *, model_rate: int, stdin: BinaryIO, fmt: str = "s16le", rate: int | None = None,
                 channels: int = 1, ffmpeg: str = "ffmpeg", backoff: tuple[float, float] = (1.0, 60.0)) -> Source:
     """SPEC is ``-``, ``default``, ``alsa:NAME`` or ``ffmpeg:URL`` (see the module docstring)."""
+    if rate is not None and not MIN_RATE <= rate <= MAX_RATE:
+        raise SourceError(f"a sample rate of {rate} Hz is not one audio is recorded at: give the source's rate in "
+                          f"Hz, {MIN_RATE}-{MAX_RATE} (e.g. --rate 48000)")
     if spec == "-":
-        return PcmSource(stdin, fmt, rate or model_rate, channels)
+        return PcmSource(stdin, fmt, model_rate if rate is None else rate, channels)
     if spec == "default" or spec.startswith("alsa:"):
         name = None if spec == "default" else spec[len("alsa:"):]
         device: str | int | None = int(name) if name and name.isdigit() else name

@@ -19,6 +19,11 @@ power cut leaves either every row of a file or none, and the next run simply pro
 but may lose the last few commits; FULL fsyncs the WAL at every commit, so a file reported "done" is
 on disk. It costs one fsync per recording (recordings arrive every few minutes), which is nothing.
 
+The file it writes is the file it opened: every write transaction first checks that the path still
+names the same file (device and inode). A results file deleted or replaced under a running watcher
+stops it with :class:`StoreError`, instead of "done" rows going to a file nobody can open again.
+A write SQLite refuses (a read-only file, a full disk) is a StoreError too; the transaction is rolled back.
+
 One writer: :meth:`Store.open` takes an exclusive ``fcntl.flock`` on ``<db>.lock``. The kernel
 releases a flock when its process dies (kill -9 included), so a crash never leaves a stale lock, and
 a second watcher on the same database is refused with :class:`StoreLocked`.
@@ -30,10 +35,8 @@ import datetime as _dt
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -43,7 +46,7 @@ from ..bundle import bundle_identity
 if TYPE_CHECKING:
     from ..encoder import Encoder
 
-__all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "export_table", "TEST_STALL_ENV"]
+__all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "export_table"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,6 @@ SCHEMA_VERSION = "1"
 # Test hook: "N:MARKER" makes the N-th recorded file (or live window batch; 1-based) stall inside its
 # transaction after its windows are inserted: MARKER is written (holding the file's path) and the process
 # sleeps, to be killed.
-TEST_STALL_ENV = "EDGEENC_TEST_STALL_IN_TRANSACTION"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -155,7 +157,7 @@ class Store:
         self.path = path
         self.conn = conn
         self._lock = lock
-        self._recorded = 0
+        self._identity = _file_identity(path)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model_id: str, bundle_hash: str, embedding_dim: int) -> Store:
@@ -228,21 +230,41 @@ class Store:
     # -- transactions --------------------------------------------------------------------------
 
     class _Txn:
-        def __init__(self, conn: sqlite3.Connection) -> None:
-            self.conn = conn
+        def __init__(self, store: Store) -> None:
+            self.store, self.conn = store, store.conn
 
         def __enter__(self) -> sqlite3.Connection:
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.store.check_file()
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.store.path}: cannot be written ({exc})") from None
             return self.conn
 
-        def __exit__(self, exc_type, exc, tb) -> None:
+        def __exit__(self, exc_type, exc, tb) -> bool:
             if exc_type is None:
-                self.conn.execute("COMMIT")
-            else:  # KeyboardInterrupt included: abandon the file, keep the database as it was
+                try:
+                    self.conn.execute("COMMIT")
+                    return False
+                except sqlite3.DatabaseError as error:
+                    exc = error
+            if self.conn.in_transaction:  # KeyboardInterrupt included: abandon it, keep the database as it was
                 self.conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StoreError(f"{self.store.path}: cannot be written ({exc}); this file's rows were not "
+                                 "stored") from None
+            return False
 
     def _transaction(self) -> Store._Txn:
-        return Store._Txn(self.conn)
+        return Store._Txn(self)
+
+    def check_file(self) -> None:
+        """Raise StoreError when the path no longer names the file this store opened (deleted or replaced)."""
+        now = _file_identity(self.path)
+        if now != self._identity:
+            what = "deleted" if now is None else "replaced by another file"
+            raise StoreError(f"{self.path} was {what} while in use: stopped so that no result is written where "
+                             "it cannot be read back (start again to write a new results file)")
 
     # -- what is known -------------------------------------------------------------------------
 
@@ -318,8 +340,6 @@ class Store:
                         (file_id, s, e, row.tobytes(), emb.shape[1])).lastrowid)
                 c.executemany("INSERT INTO detections (window_id, label, rank, score) VALUES (?, ?, ?, ?)",
                               [(ids[i], label, rank, score) for i, label, rank, score in detections])
-                self._recorded += 1
-                stall_if_testing(self._recorded, info.path)
 
     @staticmethod
     def _forget_path(c: sqlite3.Connection, path: str) -> None:
@@ -392,15 +412,12 @@ def _connect(path: str) -> sqlite3.Connection:
     return conn
 
 
-def stall_if_testing(n: int, path: str) -> None:
-    """The TEST_STALL_ENV hook: the N-th transaction of a writer writes its marker and sleeps, to be killed."""
-    spec = os.environ.get(TEST_STALL_ENV)
-    if not spec:
-        return
-    nth, _, marker = spec.partition(":")
-    if int(nth) == n:
-        Path(marker).write_text(path)
-        time.sleep(3600)
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def export_table(store: Store, out: str | os.PathLike) -> int:

@@ -77,6 +77,8 @@ def watch(
 ) -> WatchSummary:
     """Process every recording in INBOX once, as it appears; return when ``once`` and nothing is left,
     when ``stop`` is set, or after SIGTERM/SIGINT (handled only when called from the main thread)."""
+    if poll_seconds < 0 or settle_seconds < 0:
+        raise ValueError(f"poll ({poll_seconds:g} s) and settle ({settle_seconds:g} s) cannot be negative")
     root = os.path.abspath(os.fspath(inbox))  # paths are stored absolute: the same file under any cwd
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{root}: inbox is not a folder")
