@@ -18,7 +18,11 @@ from edgeenc.cli_recorder import export_db, listen, search, watch
 from edgeenc.cli_run import classify, embed, info
 from edgeenc.cli_tensorrt import build
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+HELP = ("Run Earth Species Project's BEATs and EAT bioacoustic encoders (esp_aves2_*) on Jetson recorders, GPUs "
+        "and plain CPUs: export a model to an ONNX bundle, then embed and classify recordings, watch a folder or "
+        "listen to a live source. Start with `edgeenc demo`; `edgeenc COMMAND --help` for each command.")
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP)
 
 for command in (models, export, info, embed, classify, demo, build, bench, optimize, watch, listen):
     app.command()(command)

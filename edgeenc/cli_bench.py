@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import ExitStatus, fail, failing_on, note
+from edgeenc.cli_common import ExitStatus, fail, failing_on, note, require
 
 
 def bench(
@@ -57,6 +57,7 @@ def optimize(
     timing_runs: int = typer.Option(5, help="interleaved timed runs per variant for --pick"),
 ) -> None:
     """Write model.cpu.onnx (fused fp32), int8 and OpenVINO variants, gate each, record the fastest valid one."""
+    require("optimize", "onnx", "onnxruntime")
     from edgeenc.export.optimize import optimize_bundle
     from edgeenc.runtime.bundle import BundleError
 

@@ -11,10 +11,13 @@ Library code never imports this (tests/test_architecture.py).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
+import os
 import sys
 import time
 import typing
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -32,7 +35,7 @@ class ExitStatus(IntEnum):
     """Every exit code of every command (README's table)."""
 
     OK = 0
-    FAILED = 1  # `info`: a file changed since export; `build`: TensorRT could not build the engine
+    FAILED = 1  # `build`: TensorRT could not build the engine
     USAGE = 2  # a bad option, bundle, input or missing software: said in one line, nothing was done
     PARITY_FAILED = 3  # export / optimize / build wrote a result that failed its parity gate
     SOME_FILES_FAILED = 4  # the other files were done and written; the failed ones are listed
@@ -62,6 +65,22 @@ def failing_on(*errors: type[BaseException], status: ExitStatus = ExitStatus.USA
         yield
     except errors as exc:
         fail(str(exc), status)
+
+
+def require(command: str, *modules: str, extra: str = "export") -> None:
+    """End `command` with the extra to install when one of `modules` is missing (a runtime-only install has
+    no torch, onnx or huggingface_hub: `edgeenc[cpu]` is the recorder's install)."""
+    def missing(name: str) -> bool:
+        try:
+            return importlib.util.find_spec(name) is None
+        except (ImportError, ValueError):
+            return True
+
+    absent = [name for name in modules if missing(name)]
+    if absent:
+        fail(f"`edgeenc {command}` needs {', '.join(absent)}, which this install lacks (the runtime-only "
+             f"'edgeenc[cpu]'?): pip install 'edgeenc[{extra}]', PyTorch first as README says for this kind of "
+             "machine")
 
 
 def progress_printer() -> Progress:
@@ -95,10 +114,11 @@ class EncoderChoice:
 
     def open(self, bundle: Path, device: str | None = None):
         """The Encoder, after printing which backend runs (every skipped one too with --verbose)."""
-        from edgeenc.runtime import BundleError, Encoder
+        from edgeenc.runtime import BundleError, Encoder, RandomWeightsWarning
         from edgeenc.runtime.backends import BackendUnavailable
 
-        with failing_on(BundleError, BackendUnavailable, ValueError):
+        with failing_on(BundleError, BackendUnavailable, ValueError), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)  # said below, in the command's own words
             encoder = Encoder.load(bundle, device or self.device, threads=self.threads, variant=self.variant,
                                    cpu_engine=self.cpu_engine)
         for line in encoder.backend_log if self.verbose else encoder.backend_brief:
@@ -194,6 +214,9 @@ def audio_files(audio: Iterable[Path | str]) -> tuple[list[Path], int]:
     from edgeenc.runtime.audio import audio_files as find
 
     audio, unlisted = list(audio), []
+    missing = [str(a) for a in audio if not os.path.lexists(a)]
+    if missing:  # a mistyped path: say so before any model loads
+        fail(f"{missing[0]}: no such file or folder" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     def unreadable(folder: str, exc: OSError) -> None:
         unlisted.append(folder)
@@ -261,7 +284,7 @@ def recorder_logging(quiet: bool, events_logger: str) -> None:
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    logging.getLogger(events_logger).setLevel(logging.WARNING)  # the command prints these events itself
+    logging.getLogger(events_logger).setLevel(logging.CRITICAL + 1)  # the command prints these events itself
 
 
 def open_results_store(opener):

@@ -6,11 +6,14 @@ from pathlib import Path
 
 import typer
 
-from edgeenc.cli_common import ExitStatus, fail, failing_on, note, progress_printer
+from edgeenc.cli_common import ExitStatus, fail, failing_on, note, progress_printer, require
+
+EXPORT_MODULES = ("torch", "onnx", "safetensors", "huggingface_hub", "onnxruntime")
 
 
 def models() -> None:
     """List every model id edgeenc knows."""
+    require("models", "torch")
     from edgeenc.models.registry import MODELS
 
     rows = [("model id", "arch", "rate", "window", "classifier", "hugging face repository")]
@@ -43,6 +46,7 @@ def export(
     threads: int | None = typer.Option(None, help="torch threads (default: all cores)"),
 ) -> None:
     """Export MODEL_ID to an ONNX bundle with the front end inside, gated on numerical parity."""
+    require("export", *EXPORT_MODULES)
     from edgeenc.models.checkpoints import CheckpointError, CheckpointUnavailable, load_model
     from edgeenc.models.registry import UnknownModelError
 
@@ -89,6 +93,7 @@ def demo(
     ),
 ) -> None:
     """The whole path on built-in defaults: export MODEL_ID, then classify the bundled bird recording."""
+    require("demo", *EXPORT_MODULES)
     from importlib import resources
 
     from edgeenc.models.checkpoints import CheckpointUnavailable, load_model

@@ -44,7 +44,7 @@ def watch(
     if not inbox.is_dir():
         fail(f"{inbox}: inbox is not a folder")
     encoder = choice.open(bundle)
-    recorder_logging(quiet, "edgeenc.runtime.recorder.watch")
+    recorder_logging(quiet, "edgeenc.runtime.recorder.watch.events")
     store = open_results_store(lambda: Store.for_encoder(db, encoder))
 
     def on_event(kind: str, path: str, detail: str) -> None:
@@ -53,6 +53,10 @@ def watch(
         elif not quiet:
             note(f"{kind:9} {path}  {detail}")
 
+    other = [v for v in store.variants() if v != encoder.backend.variant]
+    if other:
+        note(f"note: {db} holds rows of {'; '.join(other)}; the rows of this run are marked "
+             f"{encoder.backend.variant} (the variant column of `edgeenc export-db`)")
     note(f"watching {inbox} into {db} ({'once' if once else f'poll {poll:g} s, settle {settle:g} s'})")
     with store, failing_on(StoreError, ValueError):
         summary = run_watch(inbox, encoder, store, once=once, scoring=scoring, options=windows, poll_seconds=poll,
@@ -80,7 +84,19 @@ def export_db(
         fail(f"{out} exists: pass --overwrite to replace it, or -o another file")
     with failing_on(StoreError, WriterError), Store.open_reader(db) as store:
         rows = export_table(store, out)
+        say_what_it_holds(db, store)
     note(f"{rows} window(s) written to {out}")
+
+
+def say_what_it_holds(db: Path, store) -> None:
+    """Warn when a results file holds random-weight rows or rows of several variants (a CPU default that changed
+    after `edgeenc optimize`): the `variant` column of export-db says which row is which."""
+    if store.meta().get("random_init") == "true":
+        note(f"warning: {db} holds results of RANDOM weights (--random-init): they mean nothing")
+    variants = store.variants()
+    if len(variants) > 1:
+        note(f"note: {db} mixes rows of {len(variants)} variants ({'; '.join(variants)}); the variant column of "
+             "`edgeenc export-db` says which made each row")
 
 
 @grouped_options
@@ -101,6 +117,7 @@ def search(
         store = Store.open_reader(db)
     with store:
         encoder = choice.open(bundle)
+        say_what_it_holds(db, store)
         meta = store.meta()
         model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
         if (meta.get("model_id"), meta.get("bundle_hash")) != (model_id, bundle_hash):
@@ -134,6 +151,8 @@ def listen(
                                            "detection >= --threshold into this folder"),
     buffer: float = typer.Option(60.0, help="seconds of audio held while the encoder is behind; then the "
                                  "oldest is dropped"),
+    no_drop: bool = typer.Option(False, "--no-drop", help="never drop audio: a full buffer makes the source wait "
+                                 "(for files and pipes; a live sound card would overflow instead)"),
     resync_after: float = typer.Option(5.0, "--resync-after", help="re-anchor the wall clock when audio "
                                        "arrives this many seconds later than its sample count says"),
     ffmpeg: str = typer.Option("ffmpeg", "--ffmpeg", help="the ffmpeg program for ffmpeg:URL"),
@@ -151,7 +170,7 @@ def listen(
     encoder = choice.open(bundle)
     if save_clips is not None and "logits" not in encoder.output_names:
         fail(f"--save-clips needs a model with a classifier; {encoder.manifest.get('model_id')} has none")
-    recorder_logging(quiet, "edgeenc.runtime.recorder.listen")
+    recorder_logging(quiet, "edgeenc.runtime.recorder.listen.events")
     with failing_on(SourceError):
         live = open_source(source, model_rate=encoder.sample_rate, stdin=sys.stdin.buffer, fmt=pcm_format,
                            rate=rate, channels=channels, ffmpeg=ffmpeg)
@@ -169,7 +188,8 @@ def listen(
         try:
             with failing_on(ValueError, StoreError):
                 summary = run_listen(encoder, store, live, source_name=source, options=windows, scoring=scoring,
-                                     clips_dir=save_clips, buffer_seconds=buffer, resync_seconds=resync_after,
+                                     clips_dir=save_clips, buffer_seconds=buffer, no_drop=no_drop,
+                                     resync_seconds=resync_after,
                                      on_event=on_event)
         except SourceError as exc:
             fail(f"{source}: {exc} (the windows so far are stored)", ExitStatus.SOURCE_FAILED)

@@ -71,7 +71,7 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     if problems:
         for problem in problems:
             err(problem)
-        raise typer.Exit(ExitStatus.FAILED)
+        fail(f"{bundle} is not the bundle that was exported: re-export it (the other commands refuse it too)")
     typer.echo("all file hashes match the manifest")
 
 
@@ -88,7 +88,7 @@ def prepare_output(out: Path, suffixes, overwrite: bool) -> None:
 
 def resumable_results(encoder, files: list[Path], options: WindowOptions, out: Path, overwrite: bool,
                       range_seconds: float):
-    """Results of every readable file in order, resuming from `OUT.parts/`; returns (results, failed, parts)."""
+    """Outcomes of every readable file in order, resuming from `OUT.parts/`; returns (outcomes, failed, parts)."""
     from edgeenc.runtime.resume import PartFolder, ResumeMismatch, plan_files, resumable_run, run_identity
 
     parts = PartFolder(out, run_identity(encoder, options))
@@ -110,7 +110,7 @@ def resumable_results(encoder, files: list[Path], options: WindowOptions, out: P
                 if step.outcome.error:
                     failed += 1
                 else:
-                    results[step.outcome.path] = step.outcome.result
+                    results[step.outcome.path] = step.outcome
     finally:
         progress.close()
     return [results[str(f)] for f in files if str(f) in results], failed, parts
@@ -173,8 +173,9 @@ def embed(
     files, unlisted = audio_files(audio)
     prepare_output(out, EMBEDDING_SUFFIXES, overwrite)
     encoder = choice.open(bundle)
-    results, failed, parts = resumable_results(encoder, files, windows, out, overwrite, run.range_seconds)
+    done, failed, parts = resumable_results(encoder, files, windows, out, overwrite, run.range_seconds)
     failed += unlisted
+    results = [outcome.result for outcome in done]
     dim = encoder.embedding_dim
     write_or_keep(out, results, failed, lambda: write_embeddings(
         out,
@@ -209,10 +210,11 @@ def classify(
     encoder = choice.open(bundle)
     with failing_on(ValueError):
         encoder.require_classifier()
-    results, failed, parts = resumable_results(encoder, files, windows, out, overwrite, run.range_seconds)
+    done, failed, parts = resumable_results(encoder, files, windows, out, overwrite, run.range_seconds)
     failed += unlisted
+    results = [outcome.result for outcome in done]
     rows = [row for r in results for row in top_k_rows(r, encoder.labels, scoring)]
-    durations = {r.file: float(r.ends.max()) for r in results if len(r)}
+    durations = {outcome.path: outcome.audio_seconds for outcome in done}  # Raven's timeline: true lengths
     write_or_keep(out, results, failed, lambda: write_classifications(
         out, rows, metadata={**encoder.metadata, "activation": scoring.activation}, sample_rate=encoder.sample_rate,
         file_durations=durations))

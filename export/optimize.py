@@ -33,7 +33,10 @@ manifest["variants"] and manifest["optimize"].
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +159,22 @@ def ffn_down_projections(model: onnx.ModelProto) -> list[str]:
     return [name for name, (k, _n) in weighted if k == widest]
 
 
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """onnxruntime.quantization warns through the root logger ("Please consider to run pre-processing", which
+    does not apply: the graph is already optimised) and, with no handler there, would install one for the
+    rest of the process: hold it at ERROR with a handler of its own while quantising."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    level = root.level
+    root.addHandler(null)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(null)
+        root.setLevel(level)
+
+
 def _weight_quant_type(weights: str):
     from onnxruntime.quantization import QuantType
 
@@ -171,9 +190,10 @@ def write_dynamic_int8(src: Path, dst: Path, keep_fp32: list[str], weights: str 
     skip = set(front_end_nodes(model)) | set(keep_fp32)
     nodes = weight_matmuls(model, skip)
     try:
-        quantize_dynamic(str(named), str(dst), per_channel=True, weight_type=_weight_quant_type(weights),
-                         op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes,
-                         extra_options={"MatMulConstBOnly": True})
+        with _quiet_quantizer():
+            quantize_dynamic(str(named), str(dst), per_channel=True, weight_type=_weight_quant_type(weights),
+                             op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes,
+                             extra_options={"MatMulConstBOnly": True})
     finally:
         named.unlink(missing_ok=True)
     return {"tool": f"onnxruntime.quantization.quantize_dynamic (per-channel {weights} weights, MatMul/Gemm with "
@@ -202,10 +222,11 @@ def write_static_int8(src: Path, dst: Path, windows: list[np.ndarray], keep_fp32
     calib = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
              "entropy": CalibrationMethod.Entropy}[method]
     try:
-        quantize_static(str(named), str(dst), _Reader(windows), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=_weight_quant_type(weights),
-                        op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes, calibrate_method=calib,
-                        extra_options={"MatMulConstBOnly": True, "CalibMovingAverage": method == "minmax"})
+        with _quiet_quantizer():
+            quantize_static(str(named), str(dst), _Reader(windows), quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=_weight_quant_type(weights),
+                            op_types_to_quantize=list(WEIGHT_OPS), nodes_to_quantize=nodes, calibrate_method=calib,
+                            extra_options={"MatMulConstBOnly": True, "CalibMovingAverage": method == "minmax"})
     finally:
         named.unlink(missing_ok=True)
     return {"tool": f"onnxruntime.quantization.quantize_static (QDQ, per-channel {weights} weights, u8 activations, "
@@ -223,8 +244,10 @@ def bf16_supported() -> tuple[bool, str]:
                               [helper.make_tensor_value_info(n, TensorProto.BFLOAT16, [2, 2]) for n in "ab"],
                               [helper.make_tensor_value_info("c", TensorProto.BFLOAT16, [2, 2])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the expected refusal, not an error log line on the user's terminal
     try:
-        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - any failure means no kernel
         return False, f"onnxruntime {ort.__version__} CPUExecutionProvider: {str(exc).splitlines()[0][:200]}"
     return True, "bf16 MatMul kernel present"

@@ -10,6 +10,7 @@ AudioSet ``predictor``, stored filterbank buffers, fairseq pretraining decoders)
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -292,17 +293,43 @@ def resolve_checkpoint(spec: ModelSpec, checkpoint: Path) -> tuple[Path, Path | 
     return weights, (label_map if label_map.is_file() else None)
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached, from one TCP connection (huggingface_hub itself retries for ~20 s before
+    it gives up), or None when it answers, when offline mode is on, or behind a proxy (which may reach it)."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} cannot be reached ({exc.strerror or exc})"
+    return None
+
+
 def download_checkpoint(spec: ModelSpec) -> tuple[Path, Path | None]:
-    """Fetch the weights (and label map) from the Hugging Face hub, cached by huggingface_hub."""
+    """Fetch the weights (and label map) from the Hugging Face hub, cached by huggingface_hub; without a
+    connection, only from that cache."""
     from huggingface_hub import hf_hub_download
+
+    offline = hub_unreachable()
 
     def fetch(filename: str) -> Path:
         try:
-            return Path(hf_hub_download(spec.hf_repo, filename))
+            return Path(hf_hub_download(spec.hf_repo, filename, local_files_only=offline is not None))
         except Exception as exc:  # hub errors, connection errors and offline mode all land here
+            why = (f"the hub is not reachable from this machine: {offline}, and it is not in the local cache"
+                   if offline else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}")
             raise CheckpointUnavailable(
-                f"cannot download {filename} from https://huggingface.co/{spec.hf_repo} "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}). "
+                f"cannot download {filename} from https://huggingface.co/{spec.hf_repo} ({why}). "
                 f"Download it yourself and pass --checkpoint PATH, or pass --random-init to export "
                 "random weights for testing"
             ) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -81,8 +82,10 @@ def get_spec(model_id: str) -> ModelSpec:
     try:
         return MODELS[model_id]
     except KeyError:
-        known = ", ".join(MODELS)
-        raise UnknownModelError(f"unknown model id {model_id!r}; known ids: {known}") from None
+        close = difflib.get_close_matches(model_id, MODELS, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UnknownModelError(f"unknown model id {model_id!r}; {hint}known ids (`edgeenc models`): "
+                                f"{', '.join(MODELS)}") from None
 
 
 def fbank_config(spec: ModelSpec) -> FbankConfig:

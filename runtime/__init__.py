@@ -7,9 +7,9 @@ backends/ (what runs the graph), recorder/ (watch, listen), archive/ (Ray Data),
 
 from .audio import AudioError
 from .bundle import BundleError
-from .encoder import EmbeddingResult, Encoder, FileOutcome, Stream
+from .encoder import EmbeddingResult, Encoder, FileOutcome, RandomWeightsWarning, Stream
 from .scores import NoClassifierHead, ScoreOptions
 from .windows import WindowOptions
 
 __all__ = ["AudioError", "BundleError", "EmbeddingResult", "Encoder", "FileOutcome", "NoClassifierHead",
-           "ScoreOptions", "Stream", "WindowOptions"]
+           "RandomWeightsWarning", "ScoreOptions", "Stream", "WindowOptions"]

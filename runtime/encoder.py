@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -22,6 +23,10 @@ from .windows import Window, WindowBatcher, WindowOptions, iter_windows
 from .writers import ClassRow
 
 _SCORE_FIELDS = {f.name for f in fields(ScoreOptions)}
+
+
+class RandomWeightsWarning(UserWarning):
+    """The bundle was exported with random weights (for tests and demos): its numbers mean nothing."""
 
 
 @dataclass
@@ -160,6 +165,9 @@ class Encoder:
                 problems = verify_bundle(bundle, manifest)
                 if problems:
                     raise BundleError(f"{bundle}: " + "; ".join(problems) + " (re-export the bundle)")
+        if manifest.get("random_init"):
+            warnings.warn(f"{bundle} holds RANDOM weights (exported with --random-init): its embeddings and scores "
+                          "mean nothing; every output says random_init true", RandomWeightsWarning, stacklevel=2)
         labels = _labels(bundle, manifest) if has_classifier(manifest) else None
         skipped: list[BackendUnavailable] = []
         backend, log = select_backend(bundle, manifest, output_names(manifest, tokens=False), device, threads,

@@ -128,6 +128,7 @@ class _File:
     done: dict[int, EmbeddingResult]
     error: str | None = None
     sha256: str | None = None
+    seconds: float = 0.0  # the recording's length, from its header
 
     def digest(self) -> str:
         if self.sha256 is None:
@@ -147,14 +148,16 @@ def plan_files(encoder: Encoder, files: Sequence[str], options: WindowOptions,
             planned.append(_File(path, [], {}, exc.reason))
             continue
         total += info.duration_seconds
-        planned.append(_File(path, plan_ranges(path, info, encoder.sample_rate, cut, range_seconds), {}))
+        ranges = plan_ranges(path, info, encoder.sample_rate, cut, range_seconds)
+        planned.append(_File(path, ranges, {}, seconds=info.duration_seconds))
     return planned, total
 
 
 def resumable_run(encoder: Encoder, planned: list[_File], options: WindowOptions, parts: PartFolder
                   ) -> Iterator[Step]:
     """Run the ranges not yet in `parts` (parts.check() first), saving each as it finishes; yields a Step per
-    range done (audio seconds, for progress) and one with the outcome of every file, in the given order."""
+    range done (audio seconds, for progress) and one with the outcome of every file, in the given order (its
+    `audio_seconds` the recording's whole length, as its header gives it)."""
     for item in planned:
         if item.error is None and parts.exists():
             for piece in item.ranges:
@@ -183,7 +186,7 @@ def resumable_run(encoder: Encoder, planned: list[_File], options: WindowOptions
                 continue
             ordered = [item.done[i] for i in range(len(item.ranges))]
             result = join_ranges(item.path, ordered, [r.start for r in item.ranges], encoder.sample_rate)
-            yield Step(outcome=FileOutcome(item.path, result, audio_seconds=float(result.ends.max())))
+            yield Step(outcome=FileOutcome(item.path, result, audio_seconds=item.seconds))
 
     yield from finished()
     for outcome in encoder.embed_streams(streams(), options):

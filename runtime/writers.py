@@ -341,11 +341,12 @@ def _write_raven(
 def write_window_table(out: str | os.PathLike, batches: Iterable, dim: int, metadata: Mapping[str, str]) -> int:
     """Write windows with their top label to OUT (.csv or .parquet) batch by batch; returns the row count.
 
-    `batches` yields (files, starts, ends, embeddings [n, dim], labels (None for no label), scores).
+    `batches` yields (files, starts, ends, embeddings [n, dim], labels (None for no label), scores, variants).
 
-    Columns as :func:`write_embeddings` writes them, with the top label and its
-    score (empty when none) after ``end``: csv ``file,start,end,label,score,e0..``; parquet ``file``,
-    ``start``, ``end``, ``label``, ``score``, ``embedding`` (fixed-size list of float32). Streamed in
+    Columns as :func:`write_embeddings` writes them, with the top label and its score (empty when none) and
+    the variant that computed the row after ``end``: csv ``file,start,end,label,score,variant,e0..``;
+    parquet ``file``, ``start``, ``end``, ``label``, ``score``, ``variant``, ``embedding`` (fixed-size list
+    of float32). Streamed in
     batches (the database may hold more windows than memory), written atomically like every output.
     Metadata (model_id, bundle_hash) goes to the csv's ``<out>.json`` sidecar or the parquet schema.
     """
@@ -361,12 +362,13 @@ def _window_table_csv(p: str, batches: Iterable, dim: int, meta: dict) -> int:
     n = 0
     with atomic_text(p) as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["file", "start", "end", "label", "score", *(f"e{i}" for i in range(dim))])
-        for files, starts, ends, emb, labels, top in batches:
-            for name, s, e, label, score, row in zip(files, starts.tolist(), ends.tolist(), labels, top.tolist(),
-                                                     emb):
+        w.writerow(["file", "start", "end", "label", "score", "variant", *(f"e{i}" for i in range(dim))])
+        for files, starts, ends, emb, labels, top, variants in batches:
+            for name, s, e, label, score, variant, row in zip(files, starts.tolist(), ends.tolist(), labels,
+                                                              top.tolist(), variants, emb):
                 w.writerow([spreadsheet_safe(name), _float(s), _float(e), spreadsheet_safe(label or ""),
-                            "" if label is None else _float(score), *(format(v, ".9g") for v in row.tolist())])
+                            "" if label is None else _float(score), variant or "",
+                            *(format(v, ".9g") for v in row.tolist())])
                 n += 1
     _write_sidecar(p, meta)
     return n
@@ -375,15 +377,16 @@ def _window_table_csv(p: str, batches: Iterable, dim: int, meta: dict) -> int:
 def _window_table_parquet(p: str, batches: Iterable, dim: int, meta: dict) -> int:
     pa, pq = _pyarrow(p, [".csv"])
     schema = pa.schema([("file", pa.string()), ("start", pa.float64()), ("end", pa.float64()),
-                        ("label", pa.string()), ("score", pa.float64()),
+                        ("label", pa.string()), ("score", pa.float64()), ("variant", pa.string()),
                         ("embedding", pa.list_(pa.float32(), dim))], metadata=meta)
     n = 0
     with atomic_path(p) as tmp, pq.ParquetWriter(tmp, schema) as pw:
-        for files, starts, ends, emb, labels, top in batches:
+        for files, starts, ends, emb, labels, top, variants in batches:
             embedding = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), type=pa.float32()), dim)
             score = pa.array([None if label is None else s for label, s in zip(labels, top.tolist())],
                              type=pa.float64())
             pw.write_table(pa.table([pa.array(files, pa.string()), pa.array(starts), pa.array(ends),
-                                     pa.array(labels, pa.string()), score, embedding], schema=schema))
+                                     pa.array(labels, pa.string()), score, pa.array(variants, pa.string()),
+                                     embedding], schema=schema))
             n += len(files)
     return n

@@ -70,12 +70,15 @@ def test_a_rerun_with_a_mistyped_folder_keeps_the_good_output(tiny_eat_bundle, c
     out = tmp_path / "prev.csv"
     assert cli("embed", tiny_eat_bundle[0], clip, "-o", out).exit_code == 0
     before = out.read_bytes()
+    (tmp_path / "recordngs").mkdir()  # a mistyped folder that exists, but holds something else
+    shutil.copy(clip, tmp_path / "recordngs" / "other.wav")
     refused = cli("embed", tiny_eat_bundle[0], tmp_path / "recordngs", "-o", out)
     assert refused.exit_code == ExitStatus.USAGE and "exists: pass --overwrite" in refused.stderr
     assert out.read_bytes() == before
     # Even when asked to overwrite, a run in which every input failed leaves the output as it was.
-    missing = tmp_path / "recordngs.wav"
-    failed = cli("embed", tiny_eat_bundle[0], missing, "-o", out, "--overwrite")
+    broken = tmp_path / "broken.wav"
+    broken.write_bytes(b"RIFF and nothing else")
+    failed = cli("embed", tiny_eat_bundle[0], broken, "-o", out, "--overwrite")
     assert failed.exit_code == ExitStatus.SOME_FILES_FAILED and "kept as it was" in failed.stderr
     assert out.read_bytes() == before
     assert cli("embed", tiny_eat_bundle[0], clip, clip, "-o", out, "--overwrite").exit_code == 0

@@ -193,7 +193,8 @@ def test_a_row_above_its_limit_says_the_limit_is_wrong():
     assert rows[2]["limit"] is None and rows[2]["percent_of_limit"] is None  # CPU limits say nothing of a GPU
     assert len(problems) == 1 and "model.cpu.onnx" in problems[0] and "the limit is wrong" in problems[0]
     for row in rows:
-        row.update(p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, rtf=1.0, clips_per_s=1.0)
+        row.update(p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, rtf=1.0, x_real_time=1.0, real_time_factor=1.0,
+                   clips_per_s=1.0)
     report = {"model_id": "m", "clip_seconds": 2.0, "threads": 2, "gflop_per_clip": 1.0, "limits": limits,
               "machine": {"cpu_model": "x", "cpus_available": 2, "isa": {}}, "rows": rows,
               "limit_problems": problems}

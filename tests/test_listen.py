@@ -261,7 +261,7 @@ def test_kill9_mid_batch_then_restart_leaves_no_duplicate_or_torn_rows(bundle, b
 class PretendBackend:
     """A slow encoder: a fixed cost per batch, embeddings that depend on the audio."""
 
-    name, description = "cpu", "pretend backend (slowed)"
+    name, description, variant = "cpu", "pretend backend (slowed)", "pretend (a fixed cost per batch)"
 
     def __init__(self, seconds_per_batch: float, dim: int, classes: int) -> None:
         self.seconds_per_batch, self.dim, self.classes = seconds_per_batch, dim, classes

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..bundle import BundleError
+from .gpu import nvidia_gpu_missing
 from .protocol import Backend, BackendUnavailable
 
 # ONNX Runtime graph rewrites that make BEATs / EAT slower on the CPU (SkipLayerNormFusion: its fused kernel is
@@ -112,15 +113,18 @@ def cuda_backend(bundle: Path, output_names: list[str]) -> Backend:
     ort = import_onnxruntime()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         installed = ort_distributions()
+        no_gpu = nvidia_gpu_missing()
+        first = f"{no_gpu}; and " if no_gpu else ""
         both = any(d.startswith("onnxruntime ") for d in installed) and any("-gpu" in d for d in installed)
         if both:
             raise BackendUnavailable(
-                f"both {' and '.join(installed)} are installed, which hides the CUDA provider: "
+                f"{first}both {' and '.join(installed)} are installed, which hides the CUDA provider: "
                 "pip uninstall onnxruntime onnxruntime-gpu, then pip install 'edgeenc[gpu]'"
             )
         raise BackendUnavailable(
-            f"the installed ONNX Runtime ({', '.join(installed) or ort.__version__}) has no CUDAExecutionProvider: "
-            "install 'edgeenc[gpu]' (onnxruntime-gpu) instead of onnxruntime, not beside it",
+            f"{first}the installed ONNX Runtime ({', '.join(installed) or ort.__version__}) has no "
+            "CUDAExecutionProvider: on an NVIDIA machine install 'edgeenc[gpu]' (onnxruntime-gpu) instead of "
+            "onnxruntime, not beside it",
             not_installed=not any("-gpu" in d for d in installed),
         )
     if os.environ.get("EDGEENC_ORT_TENSORRT") == "1" and "TensorrtExecutionProvider" in ort.get_available_providers():

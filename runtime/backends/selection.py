@@ -89,9 +89,9 @@ def _planned_cpu_backend(bundle: Path, manifest: Manifest, output_names: list[st
                          cpu_engine: str | None, variant: str | None, notes: list[str]) -> Backend:
     """The CPU backend of `plan_cpu`'s choice; its notes (a fallback, a default timed elsewhere) go to `notes`."""
     plan = plan_cpu(bundle, manifest, cpu_engine, variant)
-    for line in plan.notes:
+    for line in plan.notes:  # the caller says them (Encoder.backend_log); a warning here would say them twice
         notes.append(line)
-        log.warning("%s", line)
+        log.info("%s", line)
     return open_cpu_backend(bundle / plan.file, plan.engine, plan.precision, output_names, threads)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .gpu import nvidia_gpu_missing
 from .tensorrt_engines import Profile, TensorRTUnavailable, rebuild_command, select_engine
 
 ON_JETSON = Path("/etc/nv_tegra_release").exists()
@@ -114,7 +115,9 @@ def require_tensorrt():
         elif not count:
             problems.append(f"no CUDA GPU is visible ({detail}); TensorRT builds and runs engines on NVIDIA GPUs only")
     if problems:
-        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join(problems), not_installed=trt is None)
+        no_gpu = nvidia_gpu_missing()  # said first: on a laptop the rest is not what needs fixing
+        raise TensorRTUnavailable("TensorRT cannot run here: " + "; ".join([no_gpu, *problems] if no_gpu else problems),
+                                  not_installed=trt is None)
     return trt, cudart
 
 

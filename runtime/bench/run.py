@@ -247,6 +247,7 @@ def run_bench(
             p50 = stats["p50_ms"] / 1000.0
             rows.append({"backend": target.backend, "variant": target.variant, "precision": target.precision,
                          "description": target.description, "batch": batch, **stats,
+                         "x_real_time": batch * seconds / p50, "real_time_factor": p50 / (batch * seconds),
                          "rtf": batch * seconds / p50, "clips_per_s": batch / p50,
                          "achieved_gflops": flops_per_clip * batch / p50 / 1e9, "quality": target.quality})
     for target in targets:
@@ -266,7 +267,9 @@ def run_bench(
     report["gpu_memory_mb"] = gpu_memory_mb()
     report["notes"] = [
         "latency per call of the backend on a [batch, samples] array (no file I/O, no windowing)",
-        "rtf = audio seconds per wall second at p50; clips_per_s = batch / p50",
+        "x_real_time = audio seconds per wall second at p50 (how many times faster than real time); "
+        "real_time_factor = wall seconds per audio second (its inverse: below 1 keeps up); rtf is x_real_time, "
+        "kept for reports written before; clips_per_s = batch / p50",
         "cold start: fresh python -c, timed from before the interpreter starts to the first output; "
         "peak_rss_mb is that process's ru_maxrss after one clip",
         "percent_of_limit = FLOPs per clip x clips/s / the row's GEMM limit (fp32, or int8 for int8 files) "
@@ -287,12 +290,13 @@ def format_table(report: dict) -> str:
         *limit_lines(report["limits"]),
         "",
     ]
-    header = ("backend", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "rtf", "clips/s", "GFLOP/s", "% limit",
-              "cold s", "rss MB")
+    header = ("backend", "variant", "batch", "p50 ms", "p90 ms", "p99 ms", "x real time", "RTF", "clips/s",
+              "GFLOP/s", "% limit", "cold s", "rss MB")
     table = [header]
     for r in report["rows"]:
         table.append((r["backend"], r["variant"], str(r["batch"]), f"{r['p50_ms']:.1f}", f"{r['p90_ms']:.1f}",
-                      f"{r['p99_ms']:.1f}", f"{r['rtf']:.1f}", f"{r['clips_per_s']:.2f}",
+                      f"{r['p99_ms']:.1f}", f"{r['x_real_time']:.1f}", f"{r['real_time_factor']:.3f}",
+                      f"{r['clips_per_s']:.2f}",
                       f"{r['achieved_gflops']:.1f}",
                       "over!" if r.get("above_limit") else f"{r['percent_of_limit']:.0f}"
                       if r.get("percent_of_limit") is not None else "-",

@@ -6,7 +6,9 @@ policy and the same numbers as `edgeenc embed` of the audio as a file) and runs 
 encoder. While it keeps up, each window runs as soon as it is complete (batch of one, lowest
 latency); when it falls behind, the windows that are ready go together, up to ``batch_size``.
 When it cannot keep up at all, the ring drops the oldest audio; drops are counted, stored with the
-stream, and logged at most once per ``report_seconds``.
+stream, and logged at most once per ``report_seconds`` (saying so when the audio arrives faster than
+real time: a file piped in, not a live source). With ``no_drop`` the source waits instead (files and
+pipes only: a sound card cannot wait).
 
 Segments and the last window. Audio is cut into windows per *segment*: contiguous audio between
 the start, a drop, a source restart and the end of the source. A new segment starts its own window
@@ -45,8 +47,11 @@ from .stopping import StopRequest
 __all__ = ["ListenSummary", "listen"]
 
 log = logging.getLogger(__name__)
+events_log = logging.getLogger(__name__ + ".events")  # what on_event also receives: a CLI silences this one
 
 Event = Callable[[str, str], None]  # (kind, detail); kinds: batch, dropped, clip, restart
+# Audio arriving this much faster than the clock is not a live source (a file piped in, a fast pipe).
+FASTER_THAN_LIVE = 1.5
 
 
 @dataclass
@@ -124,6 +129,7 @@ def listen(
     scoring: ScoreOptions = ScoreOptions(),
     clips_dir: str | Path | None = None,
     buffer_seconds: float = 60.0,
+    no_drop: bool = False,
     resync_seconds: float = 5.0,
     report_seconds: float = 60.0,
     stop: threading.Event | None = None,
@@ -149,7 +155,7 @@ def listen(
                          f"channel(s) (0-based: 0..{channels - 1})")
     hop = int(round((options.hop_seconds or window) * rate))
     # Room for at least two windows and a hop, whatever was asked: less could never hold a whole window.
-    ring = AudioRing(max(int(buffer_seconds * rate), 2 * w + hop), drop_samples=w, sample_rate=rate)
+    ring = AudioRing(max(int(buffer_seconds * rate), 2 * w + hop), drop_samples=w, sample_rate=rate, wait=no_drop)
     stamper = Stamper(ring, source.sample_rate, rate, resync_seconds=resync_seconds, channel=options.channel)
     state, halt = StopRequest(stop, "the current batch"), threading.Event()
     summary = ListenSummary()
@@ -160,7 +166,7 @@ def listen(
     t0, cpu0 = time.monotonic(), time.process_time()
 
     def event(kind: str, detail: str) -> None:
-        log.log(logging.WARNING if kind == "dropped" else logging.INFO, "%s %s", kind, detail)
+        events_log.log(logging.WARNING if kind == "dropped" else logging.INFO, "%s %s", kind, detail)
         if on_event is not None:
             on_event(kind, detail)
 
@@ -198,6 +204,7 @@ def listen(
             summary.ended = "signal" if state.signals else ("stopped" if state.requested else "end of source")
         finally:
             halt.set()
+            ring.close()  # a source waiting for room (--no-drop) goes on and sees the halt
             source.close()
             summary.resyncs = stamper.resyncs
             summary.max_buffered_seconds = ring.high_water / rate
@@ -270,7 +277,8 @@ def _record(batch: Batch, encoder: Encoder, store: LiveStore, file_id: int, summ
     summary.clips += len(clips)
     for _, path, label, score in clips:
         event("clip", f"{label} {score:.3f} {path}")
-    event("batch", f"{len(rows)} window(s) from {utc_iso(keys[0][2])}")
+    tops = [f"{d.label} {d.score:.2f}" for d in found if d.rank == 1]
+    event("batch", f"{len(rows)} window(s) from {utc_iso(keys[0][2])}" + (f": {', '.join(tops)}" if tops else ""))
 
 
 def _save_clip(folder: Path, window: Window, wall: float, label: str, score: float, rate: int) -> str:
@@ -295,8 +303,16 @@ def _report_drops(ring: AudioRing, stamper: Stamper, reported: dict, every: floa
         return
     received = stamper.index - reported["received"]
     rate = ring.sample_rate
-    speed = f"it runs at {summary.speed:.2f}x real time; " if summary.inference_seconds else ""
-    event("dropped", f"{fresh / rate:.1f} s of audio in the last {now - reported['at']:.1f} s "
-                     f"({100 * fresh / max(received, 1):.0f} % of what arrived): the encoder cannot keep up "
-                     f"({speed}try --threads, a faster variant or a longer --hop)")
+    lost = (f"{fresh / rate:.1f} s of audio in the last {now - reported['at']:.1f} s "
+            f"({100 * fresh / max(received, 1):.0f} % of what arrived)")
+    speed = f"{summary.speed:.2f}x" if summary.inference_seconds else "?"
+    arriving = received / rate / max(now - reported["at"], 1e-9)
+    if arriving > FASTER_THAN_LIVE:
+        event("dropped", f"{lost}: the encoder cannot keep up (it runs at {speed} real time) with audio that "
+                         f"arrives at {arriving:.0f}x real time, faster than a live source can. A recording? Use "
+                         "`edgeenc embed` or `watch` for files, or pass --no-drop to make the source wait for the "
+                         "encoder")
+    else:
+        event("dropped", f"{lost}: the encoder cannot keep up (it runs at {speed} real time; try --threads, a "
+                         "faster variant or a longer --hop)")
     reported.update(at=now, dropped=dropped, received=stamper.index)

@@ -62,8 +62,8 @@ def utc_iso(unix_seconds: float) -> str:
 class LiveStore(Store):
     """A :class:`Store` that also records live streams; open with ``LiveStore.open(...)``."""
 
-    def _bind(self, model_id: str, bundle_hash: str, embedding_dim: int) -> None:
-        super()._bind(model_id, bundle_hash, embedding_dim)
+    def _bind(self, model_id: str, bundle_hash: str, embedding_dim: int, random_init: bool = False) -> None:
+        super()._bind(model_id, bundle_hash, embedding_dim, random_init)
         self.conn.executescript(_LIVE_SCHEMA)
 
     def open_stream(self, source: str, sample_rate: int) -> int:
@@ -74,9 +74,9 @@ class LiveStore(Store):
         with self._transaction() as c:
             file_id = c.execute(
                 "INSERT INTO files (path, size, mtime, mtime_ns, sha256, status, error, model_id, bundle_hash, "
-                "processed_at, audio_seconds) VALUES (?, 0, ?, ?, ?, 'done', NULL, ?, ?, ?, 0)",
+                "processed_at, audio_seconds, variant) VALUES (?, 0, ?, ?, ?, 'done', NULL, ?, ?, ?, 0, ?)",
                 (f"live:{source}@{opened}", now.timestamp(), int(now.timestamp() * 1e9), f"live:{uuid.uuid4().hex}",
-                 meta.get("model_id"), meta["bundle_hash"], now.isoformat(timespec="seconds")),
+                 meta.get("model_id"), meta["bundle_hash"], now.isoformat(timespec="seconds"), self.variant),
             ).lastrowid
             c.execute("INSERT INTO streams (file_id, source, opened_at, sample_rate) VALUES (?, ?, ?, ?)",
                       (file_id, source, opened, int(sample_rate)))

@@ -43,9 +43,10 @@ class Chunk:
 class AudioRing:
     """Thread-safe FIFO of chunks holding at most ``capacity`` samples; drops the oldest when full."""
 
-    def __init__(self, capacity: int, drop_samples: int, sample_rate: int) -> None:
+    def __init__(self, capacity: int, drop_samples: int, sample_rate: int, *, wait: bool = False) -> None:
         if capacity < 1 or drop_samples < 1:
             raise ValueError(f"ring capacity and drop size must be positive, got {capacity} and {drop_samples}")
+        self.wait = wait  # a full ring makes push wait for room instead of dropping (files and pipes, not live)
         self.capacity = int(capacity)
         self.drop_samples = int(min(drop_samples, capacity))
         self.sample_rate = int(sample_rate)
@@ -65,6 +66,9 @@ class AudioRing:
         if not len(chunk.samples):
             return
         with self._cond:
+            while self.wait and self._buffered and self._buffered + len(chunk.samples) > self.capacity \
+                    and not self._closed:
+                self._cond.wait(0.2)
             self._chunks.append(chunk)
             self._buffered += len(chunk.samples)
             if self._buffered > self.capacity:
@@ -87,7 +91,8 @@ class AudioRing:
             n = 0
 
     def close(self) -> None:
-        """The source has ended: ``take`` returns what is left, then :data:`END`."""
+        """The source has ended (or the reader stopped): ``take`` returns what is left, then :data:`END`; a push
+        waiting for room goes on."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
@@ -100,6 +105,7 @@ class AudioRing:
             if self._chunks:
                 chunk = self._chunks.popleft()
                 self._buffered -= len(chunk.samples)
+                self._cond.notify_all()  # room for a waiting push
                 return chunk
             return END if self._closed else None
 

@@ -2,9 +2,11 @@
 
 Tables::
 
-    meta        key, value: model_id, bundle_hash, embedding_dim the database is bound to
+    meta        key, value: model_id, bundle_hash, embedding_dim the database is bound to, random_init
     files       id, path UNIQUE, size, mtime, mtime_ns, sha256, status ('done'|'failed'), error,
-                model_id, bundle_hash, processed_at (UTC ISO 8601), audio_seconds;
+                model_id, bundle_hash, processed_at (UTC ISO 8601), audio_seconds, variant (what computed
+                its rows, e.g. "model.int8dyn.onnx on onnxruntime CPUExecutionProvider": a bundle's CPU
+                default can change after `edgeenc optimize`, and one file never mixes two);
                 UNIQUE (sha256, bundle_hash): one content is processed once per bundle
     aliases     path, size, mtime_ns, file_id: other names of content already in `files`
     windows     id, file_id, start, end, embedding (BLOB, float32 little-endian), dim
@@ -70,6 +72,7 @@ CREATE TABLE IF NOT EXISTS files (
     bundle_hash TEXT NOT NULL,
     processed_at TEXT NOT NULL,
     audio_seconds REAL NOT NULL DEFAULT 0,
+    variant TEXT,
     UNIQUE (sha256, bundle_hash)
 );
 CREATE TABLE IF NOT EXISTS aliases (
@@ -153,14 +156,16 @@ class _Lock:
 class Store:
     """The results database. Open with :meth:`open` (the writer) or :meth:`open_reader`."""
 
-    def __init__(self, path: str, conn: sqlite3.Connection, lock: _Lock | None) -> None:
+    def __init__(self, path: str, conn: sqlite3.Connection, lock: _Lock | None, variant: str | None = None) -> None:
         self.path = path
         self.conn = conn
         self._lock = lock
         self._identity = _file_identity(path)
+        self.variant = variant  # recorded with every file this writer stores
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, model_id: str, bundle_hash: str, embedding_dim: int) -> Store:
+    def open(cls, path: str | os.PathLike, *, model_id: str, bundle_hash: str, embedding_dim: int,
+             variant: str | None = None, random_init: bool = False) -> Store:
         """Open (creating) for writing: take the lock, bind the database to this bundle."""
         p = os.fspath(path)
         folder = os.path.dirname(os.path.abspath(p))
@@ -169,8 +174,8 @@ class Store:
         lock = _Lock(p + ".lock")
         lock.acquire()
         try:
-            store = cls(p, _connect(p), lock)
-            store._bind(model_id, bundle_hash, embedding_dim)
+            store = cls(p, _connect(p), lock, variant)
+            store._bind(model_id, bundle_hash, embedding_dim, random_init)
         except BaseException:
             lock.release()
             raise
@@ -180,7 +185,8 @@ class Store:
     def for_encoder(cls, path: str | os.PathLike, encoder: Encoder) -> Store:
         """Open (creating) for writing, bound to the encoder's bundle."""
         model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
-        return cls.open(path, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim)
+        return cls.open(path, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim,
+                        variant=encoder.backend.variant, random_init=bool(encoder.manifest.get("random_init")))
 
     @classmethod
     def open_reader(cls, path: str | os.PathLike) -> Store:
@@ -211,16 +217,19 @@ class Store:
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: not a results database ({exc})") from None
 
-    def _bind(self, model_id: str, bundle_hash: str, embedding_dim: int) -> None:
+    def _bind(self, model_id: str, bundle_hash: str, embedding_dim: int, random_init: bool = False) -> None:
         meta = self.meta()
         if not meta:
             with self._transaction():
                 self.conn.executemany(
                     "INSERT INTO meta (key, value) VALUES (?, ?)",
                     [("schema", SCHEMA_VERSION), ("model_id", model_id), ("bundle_hash", bundle_hash),
-                     ("embedding_dim", str(embedding_dim))],
+                     ("embedding_dim", str(embedding_dim)), ("random_init", str(bool(random_init)).lower())],
                 )
             return
+        if "random_init" not in meta and meta.get("bundle_hash") == bundle_hash:  # written before it was kept
+            with self._transaction() as c:
+                c.execute("INSERT INTO meta (key, value) VALUES ('random_init', ?)", (str(bool(random_init)).lower(),))
         if meta.get("bundle_hash") != bundle_hash:
             raise StoreError(
                 f"{self.path} holds results of {meta.get('model_id')} (bundle {meta.get('bundle_hash', '')[:12]}); "
@@ -325,10 +334,11 @@ class Store:
             self._forget_path(c, info.path)
             cur = c.execute(
                 "INSERT INTO files (path, size, mtime, mtime_ns, sha256, status, error, model_id, bundle_hash, "
-                "processed_at, audio_seconds) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "processed_at, audio_seconds, variant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (info.path, info.size, info.mtime_ns / 1e9, info.mtime_ns, info.sha256, status, error,
                  meta.get("model_id"), meta["bundle_hash"],
-                 _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), float(audio_seconds)),
+                 _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), float(audio_seconds),
+                 self.variant),
             )
             file_id = cur.lastrowid
             if embeddings is not None:
@@ -362,11 +372,16 @@ class Store:
         return [(str(p), str(e)) for p, e in
                 self.conn.execute("SELECT path, error FROM files WHERE status = 'failed' ORDER BY path")]
 
+    def variants(self) -> list[str]:
+        """The variants that computed the stored rows (more than one: the file mixes them; None: unrecorded)."""
+        rows = self.conn.execute("SELECT DISTINCT variant FROM files WHERE status = 'done' ORDER BY variant")
+        return [str(v) if v is not None else "(not recorded)" for (v,) in rows]
+
     def iter_windows(self, batch: int = 4096) -> Iterator[tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
-                                                                list[str | None], np.ndarray]]:
-        """Batches (files, starts, ends, embeddings [n, dim], top labels, top scores) in file order."""
+                                                                list[str | None], np.ndarray, list[str | None]]]:
+        """Batches (files, starts, ends, embeddings [n, dim], top labels, top scores, variants) in file order."""
         cur = self.conn.execute(
-            'SELECT f.path, w.start, w."end", w.embedding, w.dim, d.label, d.score FROM windows w '
+            'SELECT f.path, w.start, w."end", w.embedding, w.dim, d.label, d.score, f.variant FROM windows w '
             "JOIN files f ON f.id = w.file_id LEFT JOIN detections d ON d.window_id = w.id AND d.rank = 1 "
             "ORDER BY f.id, w.start, w.id"
         )
@@ -378,14 +393,15 @@ class Store:
             emb = np.frombuffer(b"".join(r[3] for r in rows), dtype="<f4").reshape(len(rows), dim)
             yield ([r[0] for r in rows], np.array([r[1] for r in rows], np.float64),
                    np.array([r[2] for r in rows], np.float64), emb.astype(np.float32),
-                   [r[5] for r in rows], np.array([np.nan if r[6] is None else r[6] for r in rows], np.float64))
+                   [r[5] for r in rows], np.array([np.nan if r[6] is None else r[6] for r in rows], np.float64),
+                   [r[7] for r in rows])
 
     def nearest(self, queries: np.ndarray, top: int = 10) -> list[tuple[str, float, float, float]]:
         """(file, start, end, cosine) of the stored windows closest to any of the query embeddings."""
         q = np.asarray(queries, dtype=np.float64)
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         best: list[tuple[float, str, float, float]] = []
-        for files, starts, ends, emb, _, _ in self.iter_windows():
+        for files, starts, ends, emb, *_ in self.iter_windows():
             if emb.shape[1] != q.shape[1]:
                 raise StoreError(f"{self.path}: stored embeddings have {emb.shape[1]} dims, the query {q.shape[1]}")
             e = emb.astype(np.float64)
@@ -407,6 +423,8 @@ def _connect(path: str) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
         conn.executescript(_SCHEMA)
+        if "variant" not in {row[1] for row in conn.execute("PRAGMA table_info(files)")}:  # a file from before
+            conn.execute("ALTER TABLE files ADD COLUMN variant TEXT")
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path}: cannot be opened as a results database ({exc})") from None
     return conn

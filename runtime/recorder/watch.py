@@ -42,6 +42,7 @@ from .store import FileInfo, Store
 __all__ = ["WatchSummary", "watch"]
 
 log = logging.getLogger(__name__)
+events_log = logging.getLogger(__name__ + ".events")  # what on_event also receives: a CLI silences this one
 
 
 Event = Callable[[str, str, str], None]  # (kind, path, detail); kinds: done, failed, alias, unchanged
@@ -87,7 +88,7 @@ def watch(
     previous: dict[str, tuple[int, int, float]] = {}  # unprocessed path -> (size, mtime_ns, stable since)
 
     def event(kind: str, path: str, detail: str = "") -> None:
-        log.info("%s %s %s", kind, path, detail)
+        events_log.info("%s %s %s", kind, path, detail)
         if on_event is not None:
             on_event(kind, path, detail)
 
