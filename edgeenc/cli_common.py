@@ -132,6 +132,34 @@ OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="replace an exis
                                                                 "output is refused unless this run resumes it)")]
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """The scoring flags of classify, watch, listen and Ray. `options(encoder)` checks them against the model's
+    labels (a thresholds file or list naming an unknown label is refused with the closest names)."""
+
+    top_k: int = 5
+    threshold: float | None = None
+    activation: str | None = None
+    thresholds: Path | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    min_windows: int = 1
+
+    def __post_init__(self) -> None:  # what needs no labels is checked before any model loads
+        ScoreOptions(self.top_k, self.threshold, self.activation, min_windows=self.min_windows)
+
+    def options(self, encoder) -> ScoreOptions:
+        from edgeenc.runtime.scores import read_labels, read_thresholds
+
+        labels = encoder.labels or []
+        with failing_on(ValueError):
+            return encoder.scoring(ScoreOptions(
+                self.top_k, self.threshold, self.activation,
+                thresholds=read_thresholds(self.thresholds, labels) if self.thresholds else (),
+                include=read_labels(self.include or [], labels, "--include"),
+                exclude=read_labels(self.exclude or [], labels, "--exclude"), min_windows=self.min_windows))
+
+
 def flag_type(kind: Any, help: str, *names: str) -> Any:
     """The annotation of one option: its type and how typer shows it."""
     return Annotated[kind, typer.Option(*names, help=help)]
@@ -157,10 +185,19 @@ OPTION_GROUPS: dict[type, dict[str, tuple[str, Any]]] = {
                                                          "bundle's timed CPU default, see `edgeenc info`)")),
         "verbose": ("verbose", flag_type(bool, "say why every other backend was skipped", "-v", "--verbose")),
     },
-    ScoreOptions: {
+    Scoring: {
         "top_k": ("top_k", flag_type(int, "labels per window", "--top-k")),
         "threshold": ("threshold", flag_type(float | None, "keep only scores >= this")),
-        "activation": ("activation", flag_type(str, "softmax (one label per window) or sigmoid (independent)")),
+        "activation": ("activation", flag_type(str | None, "sigmoid (independent labels) or softmax (one label "
+                                                           "per window); default: the head's own (`edgeenc info`)")),
+        "thresholds": ("thresholds", flag_type(Path | None, "CSV of label,threshold rows: a threshold per label "
+                                                            "(the others keep --threshold)")),
+        "include": ("include", flag_type(list[str] | None, "keep only this label (repeatable), or a text file of "
+                                                           "labels, one per line")),
+        "exclude": ("exclude", flag_type(list[str] | None, "never keep this label (repeatable), or a text file of "
+                                                           "labels")),
+        "min_windows": ("min_windows", flag_type(int, "a label counts only in at least this many consecutive "
+                                                      "windows over its threshold (repeat confirmation)")),
     },
 }
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import typer
@@ -17,6 +17,7 @@ from edgeenc.cli_common import (
     AudioProgress,
     EncoderChoice,
     ExitStatus,
+    Scoring,
     fail,
     failing_on,
     flag_type,
@@ -24,7 +25,6 @@ from edgeenc.cli_common import (
     register_group,
 )
 from edgeenc.runtime.resume import DEFAULT_RANGE_SECONDS
-from edgeenc.runtime.scores import ScoreOptions
 from edgeenc.runtime.windows import WindowOptions
 
 STRATEGIES = ("single", "ray")
@@ -61,7 +61,7 @@ register_group(RunStrategy, {
 
 
 def on_ray(run: RunStrategy, bundle: Path, audio: list[str], out: Path, window: WindowOptions,
-           choice: EncoderChoice, scoring: ScoreOptions | None = None) -> bool:
+           choice: EncoderChoice, scoring: Scoring | None = None) -> bool:
     """Run the command on Ray when --engine ray asks for it; False for the single-process strategy."""
     from edgeenc.runtime.archive import is_url
 
@@ -74,7 +74,7 @@ def on_ray(run: RunStrategy, bundle: Path, audio: list[str], out: Path, window: 
 
 
 def run_ray_command(bundle: Path, audio: list[str], out: Path, run: RunStrategy, window: WindowOptions,
-                    choice: EncoderChoice, scoring: ScoreOptions | None = None) -> None:
+                    choice: EncoderChoice, scoring: Scoring | None = None) -> None:
     """Embed (or, with `scoring`, classify) AUDIO into the folder OUT on Ray."""
     if out.suffix.lower() in (".npz", ".csv", ".parquet", ".txt"):
         fail(f"{out}: --engine ray writes a folder of Parquet shards; pass -o FOLDER")
@@ -88,23 +88,30 @@ def run_ray_command(bundle: Path, audio: list[str], out: Path, run: RunStrategy,
 
     # On the driver only to check the bundle, variant and head before any worker starts: one CPU thread is enough.
     encoder = replace(choice, device="cpu", threads=1).open(bundle)
-    with failing_on(ValueError):
-        if scoring is not None:
+    options = None
+    if scoring is not None:
+        with failing_on(ValueError):
             encoder.require_classifier()
+        options = scoring.options(encoder)
     with failing_on(AudioError):
         recordings = list_recordings(audio)
     if not recordings:
         fail("no audio files found in " + ", ".join(map(str, audio)))
-    options = window.with_window(encoder.window_seconds)
-    run_options = {"window_seconds": options.window_seconds, "hop_seconds": options.hop_seconds,
-                   "last": options.last, "channel": options.channel, **(asdict(scoring) if scoring else {})}
+    cut = window.with_window(encoder.window_seconds)
+    run_options = {"window_seconds": cut.window_seconds, "hop_seconds": cut.hop_seconds, "last": cut.last,
+                   "channel": cut.channel}
+    if options is not None:
+        run_options.update(top_k=options.top_k, threshold=options.threshold, activation=options.activation)
+        if options.thresholds or options.include or options.exclude:  # kept out when unused: older shards resume
+            run_options.update(thresholds=sorted(options.thresholds), include=sorted(options.include),
+                               exclude=sorted(options.exclude))
     metadata = {**encoder.metadata, "backend": f"ray, device {choice.device}", "engine": "ray",
                 "bundle_sha256": bundle_identity(encoder.bundle, encoder.manifest)[1],
                 "run_options": json.dumps(run_options, sort_keys=True)}
     started = time.time()
     with failing_on(ArchiveError, ValueError):
-        output = ArchiveOutput(out, metadata, scoring, encoder.labels)
-        plan = plan_archive(recordings, output.done(), encoder.sample_rate, options, run.range_seconds)
+        output = ArchiveOutput(out, metadata, options, encoder.labels)
+        plan = plan_archive(recordings, output.done(), encoder.sample_rate, cut, run.range_seconds)
     if plan.skipped:
         note(f"resuming: {len(plan.skipped)} file(s) already done in {output.shards}")
     note(f"{plan.todo} file(s) to do, {plan.audio_seconds / 3600:.3f} h of audio in {len(plan.ranges)} range(s); "

@@ -12,6 +12,7 @@ from edgeenc.cli_common import (
     EncoderChoice,
     ExitStatus,
     OverwriteOpt,
+    Scoring,
     err,
     fail,
     failing_on,
@@ -20,7 +21,6 @@ from edgeenc.cli_common import (
     open_results_store,
     recorder_logging,
 )
-from edgeenc.runtime.scores import ScoreOptions
 from edgeenc.runtime.windows import WindowOptions
 
 
@@ -33,7 +33,7 @@ def watch(
     poll: float = typer.Option(5.0, "--poll", help="seconds between scans of INBOX"),
     settle: float = typer.Option(10.0, "--settle", help="a file is taken once unchanged for this many seconds"),
     quiet: bool = typer.Option(False, "--quiet", help="log only failures"),
-    scoring: ScoreOptions = ScoreOptions(),
+    scoring: Scoring = Scoring(),
     windows: WindowOptions = WindowOptions(),
     choice: EncoderChoice = EncoderChoice(),
 ) -> None:
@@ -44,6 +44,7 @@ def watch(
     if not inbox.is_dir():
         fail(f"{inbox}: inbox is not a folder")
     encoder = choice.open(bundle)
+    options = scoring.options(encoder)
     recorder_logging(quiet, "edgeenc.runtime.recorder.watch.events")
     store = open_results_store(lambda: Store.for_encoder(db, encoder))
 
@@ -59,7 +60,7 @@ def watch(
              f"{encoder.backend.variant} (the variant column of `edgeenc export-db`)")
     note(f"watching {inbox} into {db} ({'once' if once else f'poll {poll:g} s, settle {settle:g} s'})")
     with store, failing_on(StoreError, ValueError):
-        summary = run_watch(inbox, encoder, store, once=once, scoring=scoring, options=windows, poll_seconds=poll,
+        summary = run_watch(inbox, encoder, store, once=once, scoring=options, options=windows, poll_seconds=poll,
                             settle_seconds=settle, on_event=on_event)
         totals = store.counts()
     note(f"{summary.done} done, {summary.failed} failed, {summary.aliases} duplicate(s) this run; "
@@ -71,21 +72,28 @@ def watch(
 
 def export_db(
     db: Path = typer.Argument(..., help="a results file written by `edgeenc watch`"),
-    out: Path = typer.Option(..., "-o", "--out", help="output .csv or .parquet"),
+    out: Path = typer.Option(..., "-o", "--out", help="output .csv or .parquet (with --events also a .txt Raven "
+                             "selection table)"),
     overwrite: OverwriteOpt = False,
+    events: bool = typer.Option(False, "--events", help="one row per event (a label's consecutive windows merged) "
+                                "instead of per window"),
+    min_windows: int | None = typer.Option(None, "--min-windows", help="with --events: at least this many "
+                                           "consecutive windows (default: what watch/listen were given)"),
 ) -> None:
-    """One row per window: file, start, end, top label and score (if any), embedding."""
-    from edgeenc.runtime.recorder import Store, StoreError, export_table
-    from edgeenc.runtime.writers import TABLE_SUFFIXES, WriterError, check_output
+    """One row per window: file, start, end, top label and score (if any), variant, embedding; or the events."""
+    from edgeenc.runtime.recorder import Store, StoreError, export_events, export_table
+    from edgeenc.runtime.writers import EVENT_SUFFIXES, TABLE_SUFFIXES, WriterError, check_output
 
+    if min_windows is not None and min_windows < 1:
+        fail(f"--min-windows must be at least 1, got {min_windows}")
     with failing_on(WriterError):
-        check_output(out, TABLE_SUFFIXES)
+        check_output(out, EVENT_SUFFIXES if events else TABLE_SUFFIXES)
     if out.exists() and not overwrite:
         fail(f"{out} exists: pass --overwrite to replace it, or -o another file")
     with failing_on(StoreError, WriterError), Store.open_reader(db) as store:
-        rows = export_table(store, out)
+        rows = export_events(store, out, min_windows) if events else export_table(store, out)
         say_what_it_holds(db, store)
-    note(f"{rows} window(s) written to {out}")
+    note(f"{rows} {'event' if events else 'window'}(s) written to {out}")
 
 
 def say_what_it_holds(db: Path, store) -> None:
@@ -157,7 +165,7 @@ def listen(
                                        "arrives this many seconds later than its sample count says"),
     ffmpeg: str = typer.Option("ffmpeg", "--ffmpeg", help="the ffmpeg program for ffmpeg:URL"),
     quiet: bool = typer.Option(False, "--quiet", help="log only drops, restarts and failures"),
-    scoring: ScoreOptions = ScoreOptions(),
+    scoring: Scoring = Scoring(),
     windows: WindowOptions = WindowOptions(last="short"),
     choice: EncoderChoice = EncoderChoice(),
 ) -> None:
@@ -165,9 +173,10 @@ def listen(
     from edgeenc.runtime.recorder import LiveStore, SourceError, StoreError, open_source
     from edgeenc.runtime.recorder import listen as run_listen
 
-    if save_clips is not None and scoring.threshold is None:
-        fail("--save-clips needs --threshold: the score from which a window counts as a detection")
+    if save_clips is not None and scoring.threshold is None and scoring.thresholds is None:
+        fail("--save-clips needs --threshold (or --thresholds): the score from which a window counts as a detection")
     encoder = choice.open(bundle)
+    options = scoring.options(encoder)
     if save_clips is not None and "logits" not in encoder.output_names:
         fail(f"--save-clips needs a model with a classifier; {encoder.manifest.get('model_id')} has none")
     recorder_logging(quiet, "edgeenc.runtime.recorder.listen.events")
@@ -187,7 +196,7 @@ def listen(
     with store:
         try:
             with failing_on(ValueError, StoreError):
-                summary = run_listen(encoder, store, live, source_name=source, options=windows, scoring=scoring,
+                summary = run_listen(encoder, store, live, source_name=source, options=windows, scoring=options,
                                      clips_dir=save_clips, buffer_seconds=buffer, no_drop=no_drop,
                                      resync_seconds=resync_after,
                                      on_event=on_event)

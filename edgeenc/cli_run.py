@@ -12,6 +12,7 @@ from edgeenc.cli_common import (
     EncoderChoice,
     ExitStatus,
     OverwriteOpt,
+    Scoring,
     audio_files,
     err,
     fail,
@@ -20,14 +21,21 @@ from edgeenc.cli_common import (
     note,
 )
 from edgeenc.cli_ray import RunStrategy, on_ray
-from edgeenc.runtime.scores import ScoreOptions
 from edgeenc.runtime.windows import WindowOptions
 
 
 def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     """Print a bundle's manifest and verify the hash of every file."""
     from edgeenc.runtime.backends import bf16_variant_problem, int8_variant_problem
-    from edgeenc.runtime.bundle import BundleError, gated, read_manifest, variants, verify_bundle
+    from edgeenc.runtime.bundle import (
+        BundleError,
+        gated,
+        has_classifier,
+        head_activation,
+        read_manifest,
+        variants,
+        verify_bundle,
+    )
 
     with failing_on(BundleError):
         manifest = read_manifest(bundle)
@@ -36,6 +44,9 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
             "licence", "checkpoint", "checkpoint_sha256", "random_init", "status")
     for key in keys:
         typer.echo(f"{key:18} {manifest.get(key)}")
+    if has_classifier(manifest):
+        activation, why = head_activation(manifest)
+        typer.echo(f"{'activation':18} {activation} ({why})")
     typer.echo(f"{'versions':18} {json.dumps(manifest.get('versions', {}))}")
     for variant, summary in manifest.get("parity", {}).items():
         typer.echo(f"{'parity ' + variant:18} {'pass' if summary.get('passed') else 'FAIL'} "
@@ -192,30 +203,49 @@ def embed(
 def classify(
     bundle: Path = typer.Argument(..., help="a bundle folder of a model with a classifier"),
     audio: list[str] = AudioArgument,
-    out: Path = typer.Option(Path("detections.csv"), "-o", "--out", help=".csv table or .txt Raven selection table"),
+    out: Path = typer.Option(Path("detections.csv"), "-o", "--out", help=".csv table, .txt Raven selection table "
+                             "(or, with --events, also .parquet)"),
     overwrite: OverwriteOpt = False,
-    scoring: ScoreOptions = ScoreOptions(),
+    events: bool = typer.Option(False, "--events", help="one row per event (a label's consecutive windows over its "
+                                "threshold merged: start, end, max and mean score) instead of per window"),
+    scoring: Scoring = Scoring(),
     windows: WindowOptions = WindowOptions(),
     choice: EncoderChoice = EncoderChoice(),
     run: RunStrategy = RunStrategy(),
 ) -> None:
-    """Classify recordings: the top-k labels with scores for every window."""
-    from edgeenc.runtime.encoder import top_k_rows
-    from edgeenc.runtime.writers import CLASSIFICATION_FORMATS, write_classifications
+    """Classify recordings: the top-k labels with scores for every window, or their events."""
+    from edgeenc.runtime.encoder import file_events, top_k_rows
+    from edgeenc.runtime.writers import (
+        CLASSIFICATION_FORMATS,
+        EVENT_SUFFIXES,
+        EventRow,
+        write_classifications,
+        write_events,
+    )
 
+    if events and run.strategy == "ray":
+        fail("--events is written by single-process classify (--engine single); the Ray shards keep every "
+             "window's labels")
     if on_ray(run, bundle, audio, out, windows, choice, scoring):
         return
     files, unlisted = audio_files(audio)
-    prepare_output(out, CLASSIFICATION_FORMATS, overwrite)
+    prepare_output(out, EVENT_SUFFIXES if events else CLASSIFICATION_FORMATS, overwrite)
     encoder = choice.open(bundle)
     with failing_on(ValueError):
         encoder.require_classifier()
+    options = scoring.options(encoder)
     done, failed, parts = resumable_results(encoder, files, windows, out, overwrite, run.range_seconds)
     failed += unlisted
     results = [outcome.result for outcome in done]
-    rows = [row for r in results for row in top_k_rows(r, encoder.labels, scoring)]
     durations = {outcome.path: outcome.audio_seconds for outcome in done}  # Raven's timeline: true lengths
-    write_or_keep(out, results, failed, lambda: write_classifications(
-        out, rows, metadata={**encoder.metadata, "activation": scoring.activation}, sample_rate=encoder.sample_rate,
-        file_durations=durations))
+    metadata = {**encoder.metadata, "activation": options.activation, "min_windows": str(options.min_windows)}
+    if events:
+        rows = [EventRow(r.file, *e[:6]) for r in results for e in file_events(r, encoder.labels, options)]
+        write_or_keep(out, results, failed, lambda: write_events(out, rows, metadata=metadata,
+                                                                  sample_rate=encoder.sample_rate,
+                                                                  file_durations=durations))
+    else:
+        rows = [row for r in results for row in top_k_rows(r, encoder.labels, options)]
+        write_or_keep(out, results, failed, lambda: write_classifications(
+            out, rows, metadata=metadata, sample_rate=encoder.sample_rate, file_durations=durations))
     finish_summary(len(results), failed, out, parts)

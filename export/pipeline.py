@@ -12,6 +12,7 @@ import torch
 
 from edgeenc import __version__
 from edgeenc.models.checkpoints import LoadedModel
+from edgeenc.models.registry import SL_ACTIVATION_WHY
 from edgeenc.progress import Progress
 from edgeenc.runtime import bundle as bundle_io
 from edgeenc.runtime.atomic import write_json_atomic
@@ -109,6 +110,8 @@ def export_bundle(
         "min_samples": min_samples(cfg.fbank),
         "num_classes": len(loaded.labels or []),
         "classifier_pooling": ("cls" if spec.arch == "eat" else "mean") if loaded.labels else None,
+        "activation": spec.activation if loaded.labels else None,
+        "activation_why": SL_ACTIVATION_WHY if loaded.labels else None,
         "inputs": inputs,
         "outputs": outputs,
         "opset": opset,

@@ -30,6 +30,11 @@ class ModelSpec:
     note: str = ""  # where we knowingly differ from avex
 
     @property
+    def activation(self) -> str | None:
+        """How the head's logits become scores: every ESP head is a supervised `sl_*` head (see SL_ACTIVATION)."""
+        return "sigmoid" if self.has_classifier else None
+
+    @property
     def label_map_file(self) -> str | None:
         return "label_map.json" if self.has_classifier else None
 
@@ -45,6 +50,14 @@ def _spec(model_id: str, arch: str, *, repo: str | None = None, **kwargs) -> Mod
         **{**defaults, **kwargs},
     )
 
+
+# Why the sl_* heads score with a sigmoid: they were post-trained multi-label, with BCE and mixup whose labels are
+# the union of both clips' (avex's training configs sl_eat_animalspeak_ssl_all_h100.yml and
+# sl_beats_animalspeak_audioset_h100.yml: loss_function bce, multilabel mixup; the model card: "mixup-style
+# within-batch mixing with union of labels"). Their scores are independent per label; a softmax would make
+# co-occurring species compete for one unit of probability.
+SL_ACTIVATION_WHY = ("post-trained multi-label (BCE loss, mixup with the union of labels: avex's training "
+                     "configs and the model card), so each label's score is independent: sigmoid")
 
 _AVEX_DROPS_EAT_WEIGHTS = (
     "avex 1.4.0 silently loads none of these ESP tensors and runs the base EAT weights "

@@ -50,6 +50,8 @@ class Manifest(TypedDict, total=False):
     min_samples: int             # the shortest input the front end accepts
     num_classes: int             # 0 for an encoder without a classifier head
     classifier_pooling: str | None  # "cls" (EAT) or "mean" (BEATs) when there is a head
+    activation: str | None       # how the head's logits become scores: "sigmoid" or "softmax"
+    activation_why: str | None   # the reason, from the model's training
     inputs: list[dict[str, Any]]    # name, dtype, shape (dynamic axes as names)
     outputs: list[dict[str, Any]]   # tokens, embedding[, logits] with shapes
     opset: int
@@ -208,6 +210,16 @@ def output_names(manifest: Manifest, *, tokens: bool = True) -> list[str]:
 
 def has_classifier(manifest: Manifest) -> bool:
     return "logits" in output_names(manifest)
+
+
+def head_activation(manifest: Manifest) -> tuple[str, str]:
+    """(activation, why) of the bundle's head: the manifest's own, else what bundles exported before it was
+    recorded need (the ESP `sl_*` heads are multi-label: sigmoid; another head: softmax, one label per window)."""
+    if manifest.get("activation"):
+        return str(manifest["activation"]), str(manifest.get("activation_why") or "recorded at export")
+    if str(manifest.get("model_id", "")).startswith("esp_aves2_sl_"):
+        return "sigmoid", "an ESP sl_* head (multi-label); this bundle was exported before edgeenc recorded it"
+    return "softmax", "no activation recorded for this head: one label per window"
 
 
 def variants(manifest: Manifest) -> dict[str, dict[str, Any]]:

@@ -17,8 +17,8 @@ import numpy as np
 
 from .audio import AudioError, iter_blocks
 from .backends import Backend, BackendUnavailable, brief_log, import_onnxruntime, select_backend
-from .bundle import LABELS, BundleError, has_classifier, output_names, read_manifest, verify_bundle
-from .scores import NoClassifierHead, ScoreOptions, detections
+from .bundle import LABELS, BundleError, has_classifier, head_activation, output_names, read_manifest, verify_bundle
+from .scores import Event, NoClassifierHead, ScoreOptions, confirmed, detections, merge_events
 from .windows import Window, WindowBatcher, WindowOptions, iter_windows
 from .writers import ClassRow
 
@@ -137,6 +137,7 @@ class Encoder:
         self.min_samples = int(manifest.get("min_samples", 1))
         self.embedding_dim = int(manifest["embedding_dim"])
         self.output_names = output_names(manifest, tokens=False)
+        self.activation, self.activation_why = head_activation(manifest)
 
     @classmethod
     def load(
@@ -188,6 +189,10 @@ class Encoder:
             "sample_rate": str(self.sample_rate),
         }
 
+    def scoring(self, options: ScoreOptions | None = None) -> ScoreOptions:
+        """`options` with the head's own activation where none was asked for."""
+        return (options or ScoreOptions()).with_activation(self.activation)
+
     def require_classifier(self) -> None:
         """Raise :class:`NoClassifierHead` (a ValueError) unless the bundle's model has a classifier head."""
         if "logits" not in self.output_names:
@@ -237,13 +242,14 @@ class Encoder:
         :class:`ScoreOptions` and :class:`WindowOptions` are accepted too, e.g. ``top_k=3``)."""
         self.require_classifier()
         scoring, window_fields = _score_options(scoring, fields)
-        return top_k_rows(self.embed(samples, sample_rate, options, **window_fields), self.labels, scoring)
+        return top_k_rows(self.embed(samples, sample_rate, options, **window_fields), self.labels,
+                          self.scoring(scoring))
 
     def classify_file(self, path: str | os.PathLike, scoring: ScoreOptions | None = None,
                       options: WindowOptions | None = None, **fields) -> list[ClassRow]:
         self.require_classifier()
         scoring, window_fields = _score_options(scoring, fields)
-        return top_k_rows(self.embed_file(path, options, **window_fields), self.labels, scoring)
+        return top_k_rows(self.embed_file(path, options, **window_fields), self.labels, self.scoring(scoring))
 
     def embed_file(self, path: str | os.PathLike, options: WindowOptions | None = None,
                    **window_fields) -> EmbeddingResult:
@@ -353,8 +359,19 @@ def _finish(item: _Pending, encoder: Encoder) -> FileOutcome:
 
 
 def top_k_rows(result: EmbeddingResult, labels: Sequence[str] | None, scoring: ScoreOptions) -> list[ClassRow]:
-    """The kept labels of every window of `result` as table rows (see :func:`scores.detections`)."""
+    """The kept labels of every window of `result` as table rows (scores.detections, confirmed over
+    `scoring.min_windows` consecutive windows); `scoring` with its activation set (Encoder.scoring)."""
     if result.logits is None:
         raise NoClassifierHead(None)
+    found = confirmed(result.starts, result.ends, detections(result.logits, list(labels or []), scoring),
+                      scoring.min_windows)
     return [ClassRow(result.file or "", float(result.starts[d.window]), float(result.ends[d.window]), d.rank, d.label,
-                     d.score) for d in detections(result.logits, list(labels or []), scoring)]
+                     d.score) for d in found]
+
+
+def file_events(result: EmbeddingResult, labels: Sequence[str] | None, scoring: ScoreOptions) -> list[Event]:
+    """The events of one recording (scores.merge_events over its kept detections)."""
+    if result.logits is None:
+        raise NoClassifierHead(None)
+    return merge_events(result.starts, result.ends, detections(result.logits, list(labels or []), scoring),
+                        scoring.min_windows)

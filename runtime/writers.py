@@ -123,6 +123,56 @@ def check_output(path: str | os.PathLike[str], suffixes: Iterable[str]) -> None:
         raise WriterError(f"{p}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
+@dataclass(frozen=True)
+class EventRow:
+    """One event (scores.Event) of one file or live stream, as tables write it."""
+
+    file: str
+    label: str
+    start: float
+    end: float
+    max_score: float
+    mean_score: float
+    windows: int
+    utc_start: str | None = None  # live streams: the wall-clock time of its first window
+
+
+EVENT_SUFFIXES = (".csv", ".parquet", ".txt")
+EVENT_COLUMNS = ("file", "label", "start", "end", "max_score", "mean_score", "windows", "utc_start")
+
+
+def write_events(path: str | os.PathLike[str], rows: Sequence[EventRow], *, metadata: Mapping[str, Any] | None = None,
+                 sample_rate: int | None = None, file_durations: Mapping[str, float] | None = None) -> None:
+    """Events as CSV (EVENT_COLUMNS), Parquet (the same columns) or a Raven selection table (.txt: one
+    selection per event, Score its max score; see write_classifications for the timeline)."""
+    p = os.fspath(path)
+    suffix = os.path.splitext(p)[1].lower()
+    if suffix not in EVENT_SUFFIXES:
+        raise WriterError(f"{p}: unsupported events format {suffix or '(no suffix)'!r}; use .csv, .parquet or .txt")
+    if suffix == ".txt":
+        write_classifications(p, [ClassRow(r.file, r.start, r.end, 1, r.label, r.max_score) for r in rows],
+                              format="raven", metadata=metadata, sample_rate=sample_rate, file_durations=file_durations)
+        return
+    with _writing(p):
+        if suffix == ".csv":
+            with atomic_text(p) as f:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(EVENT_COLUMNS)
+                for r in rows:
+                    w.writerow([spreadsheet_safe(r.file), spreadsheet_safe(r.label), _float(r.start), _float(r.end),
+                                _float(r.max_score), _float(r.mean_score), r.windows, r.utc_start or ""])
+            _write_sidecar(p, metadata)
+            return
+        pa, pq = _pyarrow(p, [".csv", ".txt"])
+        columns = {name: [getattr(r, name) for r in rows] for name in EVENT_COLUMNS}
+        types = {"file": pa.string(), "label": pa.string(), "start": pa.float64(), "end": pa.float64(),
+                 "max_score": pa.float64(), "mean_score": pa.float64(), "windows": pa.int64(), "utc_start": pa.string()}
+        table = pa.table({name: pa.array(values, types[name]) for name, values in columns.items()})
+        meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in dict(metadata or {}).items()}
+        with atomic_path(p) as tmp:
+            pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+
 @contextlib.contextmanager
 def _writing(p: str) -> Iterator[None]:
     """OSError while writing (a full disk, a folder that went away) as WriterError; the old file is kept."""

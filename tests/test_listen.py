@@ -487,7 +487,8 @@ def test_clips_for_detections_are_flac_with_a_row(encoder, birds, reference, tmp
     db, clips = tmp_path / "r.sqlite", tmp_path / "clips"
     with open_store(db, encoder) as store:
         summary = listen(encoder, store, source, source_name="-", options=WindowOptions(1.0, 0.5, last="short"),
-                         scoring=ScoreOptions(threshold=threshold), clips_dir=clips, handle_signals=False)
+                         scoring=ScoreOptions(threshold=threshold, activation="softmax"), clips_dir=clips,
+                         handle_signals=False)
     expected = int((top >= threshold).sum())
     assert 0 < summary.clips == expected < len(top)
     saved = rows(db, 'SELECT c.path, c.label, c.score, w.start, w."end", d.label, d.score FROM clips c '

@@ -36,7 +36,7 @@ from ..atomic import atomic_path
 from ..audio import AudioError, AudioInfo, walk_audio
 from ..encoder import EmbeddingResult
 from ..ranges import Range, plan_ranges
-from ..scores import NoClassifierHead, ScoreOptions, detections
+from ..scores import NoClassifierHead, ScoreOptions, confirmed, detections
 from ..windows import WindowOptions, iter_windows
 from .urls import is_url, list_url, probe_source
 
@@ -209,8 +209,9 @@ class ArchiveOutput:
             if result.logits is None:
                 raise NoClassifierHead(self.metadata.get("model_id"))
             kept: list[list] = [[] for _ in range(len(result))]
-            for found in detections(result.logits, self.labels, self.scoring):
-                kept[found.window].append(found)
+            found = detections(result.logits, self.labels, self.scoring)
+            for hit in confirmed(result.starts, result.ends, found, self.scoring.min_windows):
+                kept[hit.window].append(hit)
             labels += [[d.label for d in window] for window in kept]
             scores += [np.array([d.score for d in window], np.float32) for window in kept]
         return pa.array(labels, pa.list_(pa.string())), pa.array(scores, pa.list_(pa.float32()))

@@ -144,10 +144,13 @@ def listen(
     for name, value in (("buffer", buffer_seconds), ("resync", resync_seconds), ("report", report_seconds)):
         if not value > 0:
             raise ValueError(f"{name} seconds must be positive, got {value:g}")
+    scoring = encoder.scoring(scoring)
+    store.set_meta("min_windows", str(scoring.min_windows))  # what its events are derived with
     rate = encoder.sample_rate
     window = options.window_seconds or encoder.window_seconds
     w = int(round(window * rate))
-    if clips_dir is not None and (scoring.threshold is None or "logits" not in encoder.output_names):
+    if clips_dir is not None and ((scoring.threshold is None and not scoring.thresholds)
+                                  or "logits" not in encoder.output_names):
         raise ValueError("saving clips needs a model with a classifier and a --threshold to call a detection")
     channels = getattr(source, "channels", 1)  # ffmpeg sources deliver mono
     if options.channel is not None and options.channel >= channels:

@@ -34,6 +34,7 @@ a second watcher on the same database is refused with :class:`StoreLocked`.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import logging
 import os
 import sqlite3
@@ -44,11 +45,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..bundle import bundle_identity
+from ..scores import Detection, merge_events
+from ..writers import EventRow, write_events, write_window_table
 
 if TYPE_CHECKING:
     from ..encoder import Encoder
 
-__all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "export_table"]
+__all__ = ["StoreError", "StoreLocked", "FileInfo", "Store", "StoredEvent", "export_events", "export_table"]
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +102,26 @@ CREATE TABLE IF NOT EXISTS detections (
 );
 CREATE INDEX IF NOT EXISTS aliases_file ON aliases(file_id);
 """
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    """An event of a results file: `id` is "<file id>-<first window id>", stable as more rows arrive."""
+
+    id: str
+    file_id: int
+    path: str  # the recording, or live:<source>@<opened> for a stream
+    label: str
+    start: float  # seconds in the recording (or since the stream opened)
+    end: float
+    max_score: float
+    mean_score: float
+    windows: int
+    utc_start: str | None = None  # live streams: the wall clock of its first window
+
+    def row(self) -> EventRow:
+        return EventRow(self.path, self.label, self.start, self.end, self.max_score, self.mean_score, self.windows,
+                        self.utc_start)
 
 
 class StoreError(Exception):
@@ -185,8 +208,14 @@ class Store:
     def for_encoder(cls, path: str | os.PathLike, encoder: Encoder) -> Store:
         """Open (creating) for writing, bound to the encoder's bundle."""
         model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
-        return cls.open(path, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim,
-                        variant=encoder.backend.variant, random_init=bool(encoder.manifest.get("random_init")))
+        store = cls.open(path, model_id=model_id, bundle_hash=bundle_hash, embedding_dim=encoder.embedding_dim,
+                         variant=encoder.backend.variant, random_init=bool(encoder.manifest.get("random_init")))
+        try:
+            store.set_meta("sample_rate", str(encoder.sample_rate))  # what Raven tables of its events need
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     @classmethod
     def open_reader(cls, path: str | os.PathLike) -> Store:
@@ -359,6 +388,43 @@ class Store:
 
     # -- reading -------------------------------------------------------------------------------
 
+    def set_meta(self, key: str, value: str) -> None:
+        with self._transaction() as c:
+            c.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def events(self, min_windows: int | None = None, recent_windows: int | None = None) -> list[StoredEvent]:
+        """Every event of the stored windows, derived from committed rows only (so it is never half-written):
+        a label's detections in consecutive windows of one file (or live stream) merged (scores.merge_events).
+        `min_windows` defaults to the one the writer recorded; `recent_windows` looks at that many newest only."""
+        if min_windows is None:
+            min_windows = int(self.meta().get("min_windows") or 1)
+        floor = 0
+        if recent_windows:
+            floor = (self.conn.execute("SELECT max(id) FROM windows").fetchone()[0] or 0) - recent_windows
+        timed = bool(self.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'window_times'").fetchone())
+        walls = "t.utc_start" if timed else "NULL"
+        join = "LEFT JOIN window_times t ON t.window_id = w.id" if timed else ""
+        windows = self.conn.execute(
+            f'SELECT w.id, w.file_id, w.start, w."end", f.path, {walls} FROM windows w '
+            f"JOIN files f ON f.id = w.file_id {join} WHERE w.id > ? ORDER BY w.file_id, w.start, w.id",
+            (floor,)).fetchall()
+        found: dict[int, list[tuple]] = {}
+        for window_id, label, rank, score in self.conn.execute(
+                "SELECT window_id, label, rank, score FROM detections WHERE window_id > ?", (floor,)):
+            found.setdefault(window_id, []).append((label, rank, score))
+        events = []
+        for file_id, group in itertools.groupby(windows, key=lambda row: row[1]):
+            group = list(group)
+            starts, ends = [row[2] for row in group], [row[3] for row in group]
+            hits = [Detection(i, label, rank, score) for i, row in enumerate(group)
+                    for label, rank, score in found.get(row[0], ())]
+            for event in merge_events(starts, ends, hits, min_windows):
+                first = group[event.first]
+                events.append(StoredEvent(f"{file_id}-{first[0]}", file_id, first[4], event.label, event.start,
+                                          event.end, event.max_score, event.mean_score, event.windows, first[5]))
+        return events
+
     def counts(self) -> dict[str, int]:
         q = self.conn.execute
         return {
@@ -440,7 +506,14 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 
 def export_table(store: Store, out: str | os.PathLike) -> int:
     """Write every stored window to OUT (.csv or .parquet), streamed; returns the number of rows."""
-    from ..writers import write_window_table
-
     meta = {k: v for k, v in store.meta().items() if k != "schema"}
     return write_window_table(out, store.iter_windows(), int(meta.get("embedding_dim", 0)), meta)
+
+
+def export_events(store: Store, out: str | os.PathLike, min_windows: int | None = None) -> int:
+    """Write every event of the stored windows to OUT (.csv, .parquet or a Raven .txt); returns how many."""
+    meta = {k: v for k, v in store.meta().items() if k != "schema"}
+    events = store.events(min_windows)
+    write_events(out, [e.row() for e in events], metadata={**meta, "min_windows": str(min_windows or meta.get(
+        "min_windows", 1))}, sample_rate=int(meta.get("sample_rate") or 16000))
+    return len(events)

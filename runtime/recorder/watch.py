@@ -83,6 +83,8 @@ def watch(
     root = os.path.abspath(os.fspath(inbox))  # paths are stored absolute: the same file under any cwd
     if not os.path.isdir(root):
         raise NotADirectoryError(f"{root}: inbox is not a folder")
+    scoring = encoder.scoring(scoring)
+    store.set_meta("min_windows", str(scoring.min_windows))  # what its events are derived with
     state = StopRequest(stop, "the current file")
     summary = WatchSummary()
     previous: dict[str, tuple[int, int, float]] = {}  # unprocessed path -> (size, mtime_ns, stable since)
