@@ -96,6 +96,39 @@ def export_db(
     note(f"{rows} {'event' if events else 'window'}(s) written to {out}")
 
 
+def clips(
+    db: Path = typer.Argument(..., help="a results file written by `edgeenc watch` or `edgeenc listen`"),
+    out: Path = typer.Option(..., "-o", "--out", help="folder for the FLAC clips and their index.csv"),
+    margin: float = typer.Option(1.0, "--margin", help="seconds of audio kept before and after each event "
+                                 "(recordings; a live event has the audio of its windows)"),
+    min_windows: int | None = typer.Option(None, "--min-windows", help="events of at least this many consecutive "
+                                           "windows (default: what watch/listen were given)"),
+    label: list[str] | None = typer.Option(None, "--label", help="only events of this label (repeatable)"),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Each event's audio as a FLAC clip to listen to, and index.csv with an empty verdict column to fill in."""
+    from edgeenc.runtime.clips import INDEX, write_index
+    from edgeenc.runtime.recorder import Store, StoreError, event_clips
+
+    if margin < 0 or (min_windows is not None and min_windows < 1):
+        fail("--margin cannot be negative and --min-windows must be at least 1")
+    if (out / INDEX).exists() and not overwrite:
+        fail(f"{out / INDEX} exists: pass --overwrite to cut the clips again into {out}, or -o another folder")
+    made, failed = [], 0
+    with failing_on(StoreError, OSError), Store.open_reader(db) as store:
+        for clip in event_clips(store, out, margin=margin, min_windows=min_windows, labels=frozenset(label or ())):
+            if isinstance(clip, Exception):
+                failed += 1
+                err(str(clip))
+            else:
+                made.append(clip)
+        index = write_index(out, made)
+    note(f"{len(made)} clip(s) in {out}, listed in {index} (fill in its verdict column: yes, no or the right "
+         f"label); {failed} event(s) without audio")
+    if failed:
+        raise typer.Exit(ExitStatus.SOME_FILES_FAILED)
+
+
 def say_what_it_holds(db: Path, store) -> None:
     """Warn when a results file holds random-weight rows or rows of several variants (a CPU default that changed
     after `edgeenc optimize`): the `variant` column of export-db says which row is which."""

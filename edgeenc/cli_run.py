@@ -208,6 +208,9 @@ def classify(
     overwrite: OverwriteOpt = False,
     events: bool = typer.Option(False, "--events", help="one row per event (a label's consecutive windows over its "
                                 "threshold merged: start, end, max and mean score) instead of per window"),
+    clips: Path | None = typer.Option(None, "--clips", help="also cut each event's audio into FLAC clips in this "
+                                      "folder, with index.csv to review them"),
+    clip_margin: float = typer.Option(1.0, "--clip-margin", help="seconds kept before and after each event clip"),
     scoring: Scoring = Scoring(),
     windows: WindowOptions = WindowOptions(),
     choice: EncoderChoice = EncoderChoice(),
@@ -223,6 +226,8 @@ def classify(
         write_events,
     )
 
+    if clip_margin < 0:
+        fail("--clip-margin cannot be negative")
     if events and run.strategy == "ray":
         fail("--events is written by single-process classify (--engine single); the Ray shards keep every "
              "window's labels")
@@ -239,13 +244,29 @@ def classify(
     results = [outcome.result for outcome in done]
     durations = {outcome.path: outcome.audio_seconds for outcome in done}  # Raven's timeline: true lengths
     metadata = {**encoder.metadata, "activation": options.activation, "min_windows": str(options.min_windows)}
+    found = ([EventRow(r.file, *e[:6]) for r in results for e in file_events(r, encoder.labels, options)]
+             if events or clips else [])
     if events:
-        rows = [EventRow(r.file, *e[:6]) for r in results for e in file_events(r, encoder.labels, options)]
-        write_or_keep(out, results, failed, lambda: write_events(out, rows, metadata=metadata,
+        write_or_keep(out, results, failed, lambda: write_events(out, found, metadata=metadata,
                                                                   sample_rate=encoder.sample_rate,
                                                                   file_durations=durations))
     else:
         rows = [row for r in results for row in top_k_rows(r, encoder.labels, options)]
         write_or_keep(out, results, failed, lambda: write_classifications(
             out, rows, metadata=metadata, sample_rate=encoder.sample_rate, file_durations=durations))
+    if clips is not None:
+        cut_event_clips(clips, found, clip_margin)
     finish_summary(len(results), failed, out, parts)
+
+
+def cut_event_clips(folder: Path, events: list, margin: float) -> None:
+    """Clips of `events` from their recordings into `folder`, with its review index."""
+    from edgeenc.runtime.clips import cut_clips, write_index
+
+    made = []
+    for clip in cut_clips(events, folder, margin):
+        if isinstance(clip, Exception):
+            err(str(clip))
+        else:
+            made.append(clip)
+    note(f"{len(made)} clip(s) of events in {folder}, listed in {write_index(folder, made)}")

@@ -196,3 +196,55 @@ def test_watch_killed_mid_file_then_restarted_gives_the_events_of_an_uninterrupt
                           rows_of(tmp_path / "clean.csv"))
     assert clean_events and clean_events == sorted((r["file"], r["label"], r["start"], r["end"], r["windows"])
                                                    for r in rows_of(tmp_path / "killed.csv"))
+
+
+# --- clips to review --------------------------------------------------------------------------------------
+
+
+def check_clips(folder: Path, margin: float) -> list[dict]:
+    """Every clip of the index: the recording's samples from its clip_start, as long as event +- margin."""
+    index = rows_of(folder / "index.csv")
+    assert index and list(index[0]) == ["clip", "file", "start", "end", "clip_start", "label", "score", "windows",
+                                        "utc_start", "verdict"]
+    for row in index:
+        recording, rate = sf.read(row["file"], dtype="int16")
+        clip, clip_rate = sf.read(folder / row["clip"], dtype="int16")
+        first = round(float(row["clip_start"]) * rate)
+        expected = min(len(recording), round((float(row["end"]) + margin) * rate)) - first
+        assert clip_rate == rate and first == max(0, round((float(row["start"]) - margin) * rate))
+        assert len(clip) == expected and np.array_equal(clip, recording[first:first + expected])
+        assert row["verdict"] == "" and row["clip"].endswith(f"_{float(row['score']):.3f}.flac")
+    return index
+
+
+def test_classify_cuts_event_clips_with_a_review_index(tiny_eat_bundle, birds_wav, tmp_path):
+    folder = tmp_path / "clips"
+    result = cli("classify", tiny_eat_bundle[0], birds_wav, "-o", tmp_path / "e.csv", "--events", "--window", "2",
+                 "--hop", "1", "--top-k", "1", "--threshold", "0.4", "--clips", folder, "--clip-margin", "0.5")
+    assert result.exit_code == 0, result.output
+    index = check_clips(folder, 0.5)
+    assert len(index) == len(rows_of(tmp_path / "e.csv"))
+
+
+def test_clips_of_a_watch_results_file_and_of_a_live_stream(tiny_eat_bundle, birds_wav, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(birds_wav, inbox)
+    common = ["--window", "1", "--threshold", "0.4", "--top-k", "1", "--device", "cpu"]
+    assert cli("watch", inbox, "--bundle", tiny_eat_bundle[0], "--db", tmp_path / "w.sqlite", "--once", "--settle",
+               "0", *common).exit_code == 0
+    made = cli("clips", tmp_path / "w.sqlite", "-o", tmp_path / "wclips", "--margin", "0.25")
+    assert made.exit_code == 0, made.output
+    check_clips(tmp_path / "wclips", 0.25)
+    assert cli("clips", tmp_path / "w.sqlite", "-o", tmp_path / "wclips").exit_code == ExitStatus.USAGE  # exists
+    samples, rate = sf.read(birds_wav, dtype="int16")
+    live = subprocess.run([*CLI, "listen", "--bundle", str(tiny_eat_bundle[0]), "--db", str(tmp_path / "l.sqlite"),
+                           "--source", "-", "--rate", str(rate), "--save-clips", str(tmp_path / "saved"), *common],
+                          input=samples.tobytes(), capture_output=True, timeout=120)
+    assert live.returncode == 0, live.stderr.decode()
+    made = cli("clips", tmp_path / "l.sqlite", "-o", tmp_path / "lclips")
+    assert made.exit_code == 0, made.output
+    for row in rows_of(tmp_path / "lclips" / "index.csv"):
+        clip, clip_rate = sf.read(tmp_path / "lclips" / row["clip"], dtype="int16")
+        assert clip_rate == 16000 and len(clip) == round((float(row["end"]) - float(row["start"])) * 16000)
+        assert row["utc_start"] and row["file"].startswith("live:-@")

@@ -4,10 +4,11 @@ wing is imported."""
 
 from .listen import ListenSummary, listen
 from .live_store import LiveStore
+from .review import event_clips
 from .sources import PCM_FORMATS, Source, SourceError, open_source
 from .store import FileInfo, Store, StoredEvent, StoreError, StoreLocked, export_events, export_table
 from .watch import WatchSummary, watch
 
 __all__ = ["PCM_FORMATS", "FileInfo", "ListenSummary", "LiveStore", "Source", "SourceError", "Store", "StoreError",
-           "StoreLocked", "StoredEvent", "WatchSummary", "export_events", "export_table", "listen", "open_source",
-           "watch"]
+           "StoreLocked", "StoredEvent", "WatchSummary", "event_clips", "export_events", "export_table", "listen",
+           "open_source", "watch"]
