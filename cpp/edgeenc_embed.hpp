@@ -61,6 +61,7 @@ struct ModelInfo {
   int64_t embedding_dim = 0;
   int64_t num_classes = 0;  // 0: no classifier head, no `logits` output
   bool random_init = false;
+  std::string activation = "softmax";  // how logits become scores: "sigmoid" for multi-label heads
   std::map<std::string, std::string> props;  // every metadata_props entry, as stored
 };
 
@@ -123,6 +124,13 @@ inline ModelInfo parse_metadata(const std::string& path, const std::map<std::str
   if (flag != "true" && flag != "false")
     throw Error(ErrorKind::Model, path + ": metadata random_init='" + flag + "' is neither true nor false");
   info.random_init = flag == "true";
+  auto activation = props.find("activation");  // absent in models exported before it was recorded
+  if (activation != props.end() && !activation->second.empty()) {
+    if (activation->second != "sigmoid" && activation->second != "softmax")
+      throw Error(ErrorKind::Model, path + ": metadata activation='" + activation->second +
+                                        "' is neither sigmoid nor softmax");
+    info.activation = activation->second;
+  }
   return info;
 }
 

@@ -35,7 +35,8 @@ options:
   --timing         print model load, decode and inference times to stderr
 
 output: one line per window, "start end v0 ... vN-1" (seconds, then the embedding); with
---labels, "start<TAB>end<TAB>label<TAB>score..." with softmax scores, best first.
+--labels, "start<TAB>end<TAB>label<TAB>score..." with the head's scores (sigmoid or softmax, as the model's
+metadata says), best first.
 )";
 
 struct Options {
@@ -192,12 +193,17 @@ std::string seconds(double v) {
   return buf;
 }
 
-// Softmax scores of one row of logits, in double as the Python runtime computes them.
-std::vector<std::pair<double, size_t>> top_k(const float* logits, size_t classes, int k) {
-  double peak = *std::max_element(logits, logits + classes), total = 0;
+// Scores of one row of logits by the head's activation (sigmoid: independent labels; softmax: one label per
+// window), in double as the Python runtime computes them.
+std::vector<std::pair<double, size_t>> top_k(const float* logits, size_t classes, int k, const std::string& activation) {
   std::vector<std::pair<double, size_t>> ranked(classes);
-  for (size_t c = 0; c < classes; ++c) total += ranked[c].first = std::exp(double(logits[c]) - peak);
-  for (size_t c = 0; c < classes; ++c) ranked[c] = {ranked[c].first / total, c};
+  if (activation == "sigmoid") {
+    for (size_t c = 0; c < classes; ++c) ranked[c] = {1.0 / (1.0 + std::exp(-double(logits[c]))), c};
+  } else {
+    double peak = *std::max_element(logits, logits + classes), total = 0;
+    for (size_t c = 0; c < classes; ++c) total += ranked[c].first = std::exp(double(logits[c]) - peak);
+    for (size_t c = 0; c < classes; ++c) ranked[c] = {ranked[c].first / total, c};
+  }
   // Stable, so ties keep logit order as numpy's argsort(kind="stable") does.
   std::stable_sort(ranked.begin(), ranked.end(), [](auto& a, auto& b) { return a.first > b.first; });
   ranked.resize(std::min<size_t>(classes, static_cast<size_t>(k)));
@@ -262,14 +268,16 @@ int run(const Options& o) {
   if (o.json) {
     text = "{\"model\": " + json_string(o.model) + ", \"model_id\": " + json_string(info.model_id) +
            ", \"licence\": " + json_string(info.licence) + ", \"random_init\": " +
-           (info.random_init ? "true" : "false") + ", \"sample_rate\": " + std::to_string(rate) +
+           (info.random_init ? "true" : "false") + ", \"activation\": " + json_string(info.activation) +
+           ", \"sample_rate\": " + std::to_string(rate) +
            ", \"audio\": " + json_string(o.audio) + ", \"windows\": [";
   }
   for (size_t w = 0; w < spans.size(); ++w) {
     const float* emb = embeddings.data() + w * info.embedding_dim;
     std::string start = seconds(spans[w].start_seconds(rate)), end = seconds(spans[w].end_seconds(rate));
     std::vector<std::pair<double, size_t>> best;
-    if (!labels.empty()) best = top_k(logits.data() + w * info.num_classes, info.num_classes, o.top_k);
+    if (!labels.empty())
+      best = top_k(logits.data() + w * info.num_classes, info.num_classes, o.top_k, info.activation);
     if (o.json) {
       text += std::string(w ? ", " : "") + "{\"start\": " + start + ", \"end\": " + end + ", \"embedding\": [";
       for (int64_t d = 0; d < info.embedding_dim; ++d) {

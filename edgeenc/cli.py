@@ -14,7 +14,7 @@ import typer
 from edgeenc.cli_bench import bench, optimize
 from edgeenc.cli_common import ExitStatus, err
 from edgeenc.cli_export import demo, export, models
-from edgeenc.cli_recorder import clips, export_db, listen, search, watch
+from edgeenc.cli_recorder import clips, export_db, listen, search, serve, watch
 from edgeenc.cli_run import classify, embed, info
 from edgeenc.cli_tensorrt import build
 
@@ -29,6 +29,7 @@ for command in (models, export, info, embed, classify, demo, build, bench, optim
 app.command("export-db")(export_db)
 app.command()(search)
 app.command()(clips)
+app.command()(serve)
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import typer
@@ -111,16 +112,18 @@ def demo(
 
     result = export_bundle(loaded, out, progress=progress_printer())
     note(f"bundle: {out} (parity {'passed' if result.passed else 'FAILED'})")
-    from edgeenc.runtime import Encoder, ScoreOptions
+    from edgeenc.runtime import Encoder, RandomWeightsWarning, ScoreOptions
     from edgeenc.runtime.encoder import top_k_rows
 
-    encoder = Encoder.load(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)  # said above, in the demo's own words
+        encoder = Encoder.load(out)
     with resources.as_file(resources.files("edgeenc") / "data" / "birds_10s.wav") as wav:
         embedding = encoder.embed_file(wav)
     typer.echo(f"{wav.name}: {len(embedding)} window(s) of {encoder.window_seconds:g} s, "
                f"embedding dim {encoder.embedding_dim}, backend {encoder.backend.description}")
     if embedding.logits is not None:
-        for row in top_k_rows(embedding, encoder.labels, ScoreOptions(top_k=3)):
+        for row in top_k_rows(embedding, encoder.labels, encoder.scoring(ScoreOptions(top_k=3))):
             typer.echo(f"  {row.start:6.2f}-{row.end:6.2f} s  #{row.rank}  {row.label:32} {row.score:.3f}")
     if not result.passed:
         raise typer.Exit(ExitStatus.PARITY_FAILED)

@@ -20,6 +20,7 @@ from edgeenc.cli_common import (
     note,
     open_results_store,
     recorder_logging,
+    require,
 )
 from edgeenc.runtime.windows import WindowOptions
 
@@ -127,6 +128,33 @@ def clips(
          f"label); {failed} event(s) without audio")
     if failed:
         raise typer.Exit(ExitStatus.SOME_FILES_FAILED)
+
+
+def serve(
+    db: Path = typer.Argument(..., help="a results file written by `edgeenc watch` or `edgeenc listen`"),
+    port: int = typer.Option(8080, "--port", help="TCP port of the page"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface; the "
+                             "page has no login)"),
+) -> None:
+    """A local web page of the results file: latest events with spectrogram and player, hourly chart, health."""
+    import socket
+
+    require("serve", "starlette", "uvicorn", "PIL", extra="serve")
+    from edgeenc.runtime.recorder import StoreError, open_read_only, page_app
+
+    if not 0 < port < 65536:
+        fail(f"--port must be between 1 and 65535, got {port}")
+    with failing_on(StoreError):
+        open_read_only(db).close()
+    try:
+        with socket.socket() as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        fail(f"port {port} on {host} cannot be used ({exc.strerror or exc}): pass another --port")
+    import uvicorn
+
+    note(f"serving {db} at http://{host}:{port}/ (read-only; Ctrl-C stops)")
+    uvicorn.run(page_app(str(db)), host=host, port=port, log_level="warning")
 
 
 def say_what_it_holds(db: Path, store) -> None:

@@ -54,6 +54,7 @@ def model_metadata(loaded: LoadedModel) -> dict[str, str]:
         "pooling": "mean over tokens (embedding); " + ("CLS token (logits)" if spec.arch == "eat" else "mean (logits)"),
         "licence": spec.licence,
         "random_init": str(loaded.random_init).lower(),
+        "activation": (spec.activation or "") if loaded.labels else "",  # how logits become scores
         "checkpoint_sha256": loaded.checkpoint_sha256 or "",
         "edgeenc_version": __version__,
         "producer": f"edgeenc {__version__} / torch {torch.__version__}",

@@ -144,7 +144,12 @@ def test_classifier_top1_and_text_output(edgeenc_embed, tiny_eat_bundle, tmp_pat
     cpp = cpp_json(edgeenc_embed, bundle, BIRDS_WAV, "--labels", labels, "--top-k", "3")
     assert [w["top_k"][0]["label"] for w in cpp["windows"]] == python_top1(bundle, BIRDS_WAV, tmp_path)
     scores = [s["score"] for s in cpp["windows"][0]["top_k"]]
-    assert len(scores) == 3 and scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-9
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True) and cpp["activation"] == "sigmoid"
+    python = tmp_path / "python3.csv"  # the scores of classify, by the same (the head's) activation
+    assert CliRunner().invoke(app, ["classify", str(bundle), str(BIRDS_WAV), "-o", str(python), "--top-k", "3"]
+                              ).exit_code == 0
+    with python.open() as f:
+        np.testing.assert_allclose(scores, [float(r["score"]) for r in csv.DictReader(f)][:3], atol=1e-4)
     # The text forms: "start end v0 ... vN-1", and tab-separated label/score pairs with --labels.
     plain = run_cpp(edgeenc_embed, bundle, BIRDS_WAV)
     rows = [line.split(" ") for line in plain.stdout.splitlines()]

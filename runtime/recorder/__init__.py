@@ -4,6 +4,8 @@ wing is imported."""
 
 from .listen import ListenSummary, listen
 from .live_store import LiveStore
+from .page import app as page_app
+from .page import open_read_only
 from .review import event_clips
 from .sources import PCM_FORMATS, Source, SourceError, open_source
 from .store import FileInfo, Store, StoredEvent, StoreError, StoreLocked, export_events, export_table
@@ -11,4 +13,4 @@ from .watch import WatchSummary, watch
 
 __all__ = ["PCM_FORMATS", "FileInfo", "ListenSummary", "LiveStore", "Source", "SourceError", "Store", "StoreError",
            "StoreLocked", "StoredEvent", "WatchSummary", "event_clips", "export_events", "export_table", "listen",
-           "open_source", "watch"]
+           "open_read_only", "open_source", "page_app", "watch"]
