@@ -62,6 +62,9 @@ struct ModelInfo {
   int64_t num_classes = 0;  // 0: no classifier head, no `logits` output
   bool random_init = false;
   std::string activation = "softmax";  // how logits become scores: "sigmoid" for multi-label heads
+  // The output holding the default head's logits: "logits" (the model's own head), or "probe_logits" in a
+  // bundle with a probe attached by `edgeenc probe attach` (metadata class_outputs_key, as OpenSoundscape reads).
+  std::string class_output = "logits";
   std::map<std::string, std::string> props;  // every metadata_props entry, as stored
 };
 
@@ -131,6 +134,8 @@ inline ModelInfo parse_metadata(const std::string& path, const std::map<std::str
                                         "' is neither sigmoid nor softmax");
     info.activation = activation->second;
   }
+  auto class_output = props.find("class_outputs_key");  // absent in models exported before it was recorded
+  if (class_output != props.end() && !class_output->second.empty()) info.class_output = class_output->second;
   return info;
 }
 
@@ -179,7 +184,7 @@ class Model {
                                                        shape.data(), shape.size());
     const char* input_names[] = {"audio"};
     std::vector<const char*> output_names = {"embedding"};
-    if (info_.num_classes > 0) output_names.push_back("logits");
+    if (info_.num_classes > 0) output_names.push_back(info_.class_output.c_str());
     std::vector<Ort::Value> outputs;
     try {
       outputs = session_.Run(Ort::RunOptions{nullptr}, input_names, &input, 1, output_names.data(),
@@ -190,7 +195,8 @@ class Model {
     BatchOutput out;
     out.rows = rows;
     out.embedding = copy_output(outputs[0], rows, info_.embedding_dim, "embedding");
-    if (info_.num_classes > 0) out.logits = copy_output(outputs[1], rows, info_.num_classes, "logits");
+    if (info_.num_classes > 0)
+      out.logits = copy_output(outputs[1], rows, info_.num_classes, info_.class_output.c_str());
     return out;
   }
 
@@ -218,9 +224,9 @@ class Model {
       names.emplace_back(session_.GetOutputNameAllocated(i, allocator).get());
     auto has = [&](const char* name) { return std::find(names.begin(), names.end(), name) != names.end(); };
     if (!has("embedding")) throw Error(ErrorKind::Model, path_ + ": the graph has no 'embedding' output");
-    if (info_.num_classes > 0 && !has("logits"))
+    if (info_.num_classes > 0 && !has(info_.class_output.c_str()))
       throw Error(ErrorKind::Model, path_ + ": metadata says num_classes=" + std::to_string(info_.num_classes) +
-                                        " but the graph has no 'logits' output");
+                                        " but the graph has no '" + info_.class_output + "' output");
   }
 
   std::vector<float> copy_output(const Ort::Value& value, int64_t rows, int64_t width, const char* name) const {

@@ -30,6 +30,7 @@ options:
   --batch N        windows per inference call (default 8)
   --threads N      ONNX Runtime intra-op threads (default: ONNX Runtime's)
   --labels FILE    labels.json of a classifier bundle: print the top-k labels of each window
+                   (probe_labels.json for a bundle with a probe attached: its probe is the default head)
   --top-k K        labels per window with --labels (default 5)
   --json           one JSON document instead of one line per window
   --timing         print model load, decode and inference times to stderr

@@ -1,7 +1,7 @@
 """The `edgeenc` command: parse, call the library, print, choose the exit code.
 
 This module only assembles the typer app from the command modules (cli_export, cli_run, cli_ray,
-cli_bench, cli_tensorrt, cli_recorder), which share edgeenc/cli_common.py. Commands import their
+cli_bench, cli_tensorrt, cli_recorder, cli_probes), which share edgeenc/cli_common.py. Commands import their
 library lazily so that the runtime commands never import torch.
 """
 
@@ -14,6 +14,7 @@ import typer
 from edgeenc.cli_bench import bench, optimize
 from edgeenc.cli_common import ExitStatus, err
 from edgeenc.cli_export import demo, export, models
+from edgeenc.cli_probes import probe_app
 from edgeenc.cli_recorder import clips, export_db, listen, search, serve, watch
 from edgeenc.cli_run import classify, embed, info
 from edgeenc.cli_tensorrt import build
@@ -30,6 +31,7 @@ app.command("export-db")(export_db)
 app.command()(search)
 app.command()(clips)
 app.command()(serve)
+app.add_typer(probe_app, name="probe")
 
 
 def main() -> None:

@@ -103,10 +103,15 @@ class EncoderChoice:
     threads: int | None = None
     variant: str | None = None
     cpu_engine: str | None = None
+    head: str | None = None
     verbose: bool = False
 
     def __post_init__(self) -> None:
         from edgeenc.runtime.backends import DEVICES, check_threads
+        from edgeenc.runtime.bundle import HEADS
+
+        if self.head is not None and self.head not in HEADS:
+            raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
 
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
@@ -120,7 +125,7 @@ class EncoderChoice:
         with failing_on(BundleError, BackendUnavailable, ValueError), warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)  # said below, in the command's own words
             encoder = Encoder.load(bundle, device or self.device, threads=self.threads, variant=self.variant,
-                                   cpu_engine=self.cpu_engine)
+                                   cpu_engine=self.cpu_engine, head=self.head)
         for line in encoder.backend_log if self.verbose else encoder.backend_brief:
             note(line)
         if encoder.manifest.get("random_init"):
@@ -183,6 +188,9 @@ OPTION_GROUPS: dict[type, dict[str, tuple[str, Any]]] = {
                                                    "openvino (see `edgeenc info`; default: the bundle's timed one)")),
         "cpu_engine": ("cpu_engine", flag_type(str | None, "CPU engine: onnxruntime or openvino (default: the "
                                                          "bundle's timed CPU default, see `edgeenc info`)")),
+        "head": ("head", flag_type(str | None, "which classifier head scores windows: probe (one attached with "
+                                               "`edgeenc probe attach`) or model (the model's own); default: the "
+                                               "probe where the bundle has one")),
         "verbose": ("verbose", flag_type(bool, "say why every other backend was skipped", "-v", "--verbose")),
     },
     Scoring: {

@@ -102,6 +102,8 @@ def run_ray_command(bundle: Path, audio: list[str], out: Path, run: RunStrategy,
                    "channel": cut.channel}
     if options is not None:
         run_options.update(top_k=options.top_k, threshold=options.threshold, activation=options.activation)
+        if encoder.head is not None and encoder.head.name == "probe":  # kept out otherwise: older shards resume
+            run_options.update(head="probe")
         if options.thresholds or options.include or options.exclude:  # kept out when unused: older shards resume
             run_options.update(thresholds=sorted(options.thresholds), include=sorted(options.include),
                                exclude=sorted(options.exclude))
@@ -117,7 +119,7 @@ def run_ray_command(bundle: Path, audio: list[str], out: Path, run: RunStrategy,
     note(f"{plan.todo} file(s) to do, {plan.audio_seconds / 3600:.3f} h of audio in {len(plan.ranges)} range(s); "
          f"{run.workers} worker(s) x {run.threads_per_worker} thread(s) on {run.address or 'Ray'}")
     ray_options = RayOptions(run.address, run.workers, run.threads_per_worker, choice.device, choice.variant,
-                             choice.cpu_engine)
+                             choice.cpu_engine, head=choice.head)
     progress = AudioProgress(plan.audio_seconds, plan.todo + len(plan.failures), started)
     try:
         with failing_on(ConnectionError), ray_session(run.address, run.workers * run.threads_per_worker):

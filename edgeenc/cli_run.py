@@ -29,9 +29,11 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
     from edgeenc.runtime.backends import bf16_variant_problem, int8_variant_problem
     from edgeenc.runtime.bundle import (
         BundleError,
+        choose_head,
         gated,
         has_classifier,
         head_activation,
+        heads,
         read_manifest,
         variants,
         verify_bundle,
@@ -44,9 +46,18 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
             "licence", "checkpoint", "checkpoint_sha256", "random_init", "status")
     for key in keys:
         typer.echo(f"{key:18} {manifest.get(key)}")
-    if has_classifier(manifest):
+    if has_classifier(manifest) or manifest.get("probe"):
         activation, why = head_activation(manifest)
         typer.echo(f"{'activation':18} {activation} ({why})")
+    if manifest.get("probe"):
+        default = choose_head(manifest)
+        for head in heads(manifest).values():
+            mark = ", the default (classify, watch, listen)" if default and head.name == default.name else ""
+            typer.echo(f"{'head ' + head.name:18} {head.num_classes} classes from output {head.output} "
+                       f"({head.labels_file}), {head.activation}{mark}")
+        probe = manifest["probe"]
+        typer.echo(f"{'probe':18} trained on {probe.get('parent_model_id')} (model.onnx sha256 "
+                   f"{probe.get('parent_bundle_sha256')}), data fingerprint {probe.get('data', {}).get('fingerprint')}")
     typer.echo(f"{'versions':18} {json.dumps(manifest.get('versions', {}))}")
     for variant, summary in manifest.get("parity", {}).items():
         typer.echo(f"{'parity ' + variant:18} {'pass' if summary.get('passed') else 'FAIL'} "
@@ -98,8 +109,9 @@ def prepare_output(out: Path, suffixes, overwrite: bool) -> None:
 
 
 def resumable_results(encoder, files: list[Path], options: WindowOptions, out: Path, overwrite: bool,
-                      range_seconds: float):
-    """Outcomes of every readable file in order, resuming from `OUT.parts/`; returns (outcomes, failed, parts)."""
+                      range_seconds: float, errors: dict[str, str] | None = None):
+    """Outcomes of every readable file in order, resuming from `OUT.parts/`; returns (outcomes, failed, parts).
+    `errors`, when given, collects {path: reason} of the failed files."""
     from edgeenc.runtime.resume import PartFolder, ResumeMismatch, plan_files, resumable_run, run_identity
 
     parts = PartFolder(out, run_identity(encoder, options))
@@ -120,6 +132,8 @@ def resumable_results(encoder, files: list[Path], options: WindowOptions, out: P
                 progress.count(step.outcome)
                 if step.outcome.error:
                     failed += 1
+                    if errors is not None:
+                        errors[step.outcome.path] = step.outcome.error
                 else:
                     results[step.outcome.path] = step.outcome
     finally:

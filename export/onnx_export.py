@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -58,6 +59,11 @@ def model_metadata(loaded: LoadedModel) -> dict[str, str]:
         "checkpoint_sha256": loaded.checkpoint_sha256 or "",
         "edgeenc_version": __version__,
         "producer": f"edgeenc {__version__} / torch {torch.__version__}",
+        # What OpenSoundscape's ONNXModel reads: the model loads there by its metadata alone.
+        "sample_duration": str(spec.window_seconds),
+        "classes": json.dumps(list(loaded.labels or [])),
+        "class_outputs_key": "logits" if loaded.labels else "",
+        "embedding_outputs_key": "embedding",
     }
 
 

@@ -1,8 +1,9 @@
 """Torch-free inference: audio in, embeddings and class scores out.
 
 The core is the path of one recording: bundle (the format), audio, windows, encoder, scores, writers,
-resume, atomic. Four wings hang off it, each with its own short face and no arrows between them:
-backends/ (what runs the graph), recorder/ (watch, listen), archive/ (Ray Data), bench/.
+resume, atomic. Five wings hang off it, each with its own short face and no arrows between them:
+backends/ (what runs the graph), recorder/ (watch, listen), archive/ (Ray Data), bench/, probes/ (your own
+classifier).
 """
 
 from .audio import AudioError

@@ -19,6 +19,8 @@ from .atomic import write_json_atomic
 MANIFEST = "manifest.json"
 PARITY = "parity.json"
 LABELS = "labels.json"
+PROBE_LABELS = "probe_labels.json"  # the attached probe's class names, in the order of its output
+HEADS = ("probe", "model")  # the classifier heads a bundle can have: a user's attached probe, the model's own
 MANIFEST_FORMAT = 1
 OPENVINO_PREFIX = "openvino:"
 ENGINES = ("onnxruntime", "openvino")  # the CPU engines a variant runs on
@@ -73,6 +75,8 @@ class Manifest(TypedDict, total=False):
     versions: dict[str, str]     # edgeenc, torch, onnx, onnxruntime, python at export
     export_seconds: float
     files: dict[str, FileEntry]  # every file of the bundle but the manifest, with its sha256
+    probe: dict[str, Any]        # `probe attach`: output, scores_output, labels, activation, classes, provenance
+    default_head: str            # "probe" where a probe is attached (classify, watch, listen score with it)
 
 
 def bundle_files(bundle: Path) -> list[str]:
@@ -140,6 +144,11 @@ def check_manifest(bundle: Path, manifest: Manifest) -> None:
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str):
             raise BundleError(f"{path}: files[{name!r}] has no sha256; {damaged}")
     named = list(manifest["files"])
+    probe = manifest.get("probe")
+    if probe is not None:
+        if not isinstance(probe, dict) or not isinstance(probe.get("output"), str):
+            raise BundleError(f"{path}: field 'probe' must name the probe's output; {damaged}")
+        named.append(str(probe.get("labels") or PROBE_LABELS))
     for key, entry in variants(manifest).items():
         parsed = VariantKey.parse(key)
         named.append(parsed.file(entry if isinstance(entry, dict) else None))
@@ -212,7 +221,57 @@ def has_classifier(manifest: Manifest) -> bool:
     return "logits" in output_names(manifest)
 
 
+@dataclass(frozen=True)
+class Head:
+    """One classifier head of a bundle: which graph output holds its logits, its labels file and activation."""
+
+    name: str  # "model" (the checkpoint's own) or "probe" (attached by `edgeenc probe attach`)
+    output: str  # the graph output of its logits
+    labels_file: str
+    activation: str
+    activation_why: str
+    num_classes: int
+
+
+def heads(manifest: Manifest) -> dict[str, Head]:
+    """The bundle's classifier heads by name (none for a features-only model without a probe)."""
+    found = {}
+    probe = manifest.get("probe")
+    if isinstance(probe, dict) and probe.get("output") in output_names(manifest):
+        found["probe"] = Head("probe", str(probe["output"]), str(probe.get("labels") or PROBE_LABELS),
+                              str(probe.get("activation") or "sigmoid"),
+                              str(probe.get("activation_why") or "the probe's training"), len(probe.get("classes", [])))
+    if "logits" in output_names(manifest):
+        activation, why = model_head_activation(manifest)
+        found["model"] = Head("model", "logits", LABELS, activation, why, int(manifest.get("num_classes") or 0))
+    return found
+
+
+def choose_head(manifest: Manifest, name: str | None = None) -> Head | None:
+    """The head asked for by `name`, else the default: the attached probe where there is one, else the model's own.
+    Raises BundleError naming the heads there are when the asked one is not in the bundle."""
+    found = heads(manifest)
+    if name is None:
+        wanted = manifest.get("default_head") or "probe"
+        return found.get(wanted) or found.get("probe") or found.get("model")
+    if name not in HEADS:
+        raise BundleError(f"unknown head {name!r}: choose probe (an attached probe) or model (the model's own head)")
+    if name not in found:
+        there = " and ".join(found) or "no classifier head"
+        fix = "attach one with `edgeenc probe attach`" if name == "probe" else "this model has no head of its own"
+        raise BundleError(f"{manifest.get('model_id')}: no {name} head in this bundle ({there}): {fix}")
+    return found[name]
+
+
 def head_activation(manifest: Manifest) -> tuple[str, str]:
+    """(activation, why) of the bundle's default head (the attached probe's where it has one)."""
+    head = choose_head(manifest)
+    if head is not None and head.name == "probe":
+        return head.activation, head.activation_why
+    return model_head_activation(manifest)
+
+
+def model_head_activation(manifest: Manifest) -> tuple[str, str]:
     """(activation, why) of the bundle's head: the manifest's own, else what bundles exported before it was
     recorded need (the ESP `sl_*` heads are multi-label: sigmoid; another head: softmax, one label per window)."""
     if manifest.get("activation"):

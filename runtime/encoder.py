@@ -17,7 +17,7 @@ import numpy as np
 
 from .audio import AudioError, iter_blocks
 from .backends import Backend, BackendUnavailable, brief_log, import_onnxruntime, select_backend
-from .bundle import LABELS, BundleError, has_classifier, head_activation, output_names, read_manifest, verify_bundle
+from .bundle import BundleError, Head, choose_head, read_manifest, verify_bundle
 from .scores import Event, NoClassifierHead, ScoreOptions, confirmed, detections, merge_events
 from .windows import Window, WindowBatcher, WindowOptions, iter_windows
 from .writers import ClassRow
@@ -83,10 +83,10 @@ class _Pending:
     error: str | None = None
 
 
-def _labels(bundle: Path, manifest: dict) -> list[str]:
-    """labels.json, one name per logit; class_<i> where the bundle has none."""
-    classes = int(manifest.get("num_classes") or 0)
-    path = bundle / LABELS
+def _labels(bundle: Path, head: Head) -> list[str]:
+    """The head's labels file (labels.json, probe_labels.json), one name per logit; class_<i> where there is none."""
+    classes = head.num_classes
+    path = bundle / head.labels_file
     if not path.is_file():
         return [f"class_{i}" for i in range(classes)]
     try:
@@ -106,15 +106,23 @@ def _manifest_from_onnx(path: Path) -> dict:
     if "sample_rate" not in meta:
         raise BundleError(f"{path}: no edgeenc metadata (sample_rate, window_seconds) in the ONNX file")
     outputs = [{"name": "tokens"}, {"name": "embedding"}]
-    if int(meta.get("num_classes", "0")):
+    head_output = meta.get("class_outputs_key") or "logits"
+    if int(meta.get("model_num_classes", meta.get("num_classes", "0"))):
         outputs.append({"name": "logits"})
+    probe = None
+    if head_output != "logits":  # an attached probe: the metadata describes it as the default head
+        outputs.append({"name": head_output})
+        probe = {"output": head_output, "activation": meta.get("activation") or "sigmoid",
+                 "classes": json.loads(meta.get("classes") or "[]")}
     return {
         "model_id": meta.get("model_id"),
         "sample_rate": int(meta["sample_rate"]),
         "window_seconds": float(meta["window_seconds"]),
         "min_samples": int(meta.get("min_samples", "400")),
         "embedding_dim": int(meta["embedding_dim"]),
-        "num_classes": int(meta.get("num_classes", "0")),
+        "num_classes": int(meta.get("model_num_classes", meta.get("num_classes", "0"))),
+        "activation": meta.get("model_activation", meta.get("activation")) or None,
+        **({"probe": probe} if probe else {}),
         "random_init": meta.get("random_init") == "true",
         "licence": meta.get("licence"),
         "outputs": outputs,
@@ -125,7 +133,7 @@ class Encoder:
     """Runs a bundle on the best (or the requested) backend."""
 
     def __init__(self, bundle: Path, manifest: dict, backend: Backend, labels: list[str] | None, log: list[str],
-                 brief: list[str] | None = None):
+                 brief: list[str] | None = None, head: Head | None = None):
         self.bundle = bundle
         self.manifest = manifest
         self.backend = backend
@@ -136,8 +144,9 @@ class Encoder:
         self.window_seconds = float(manifest["window_seconds"])
         self.min_samples = int(manifest.get("min_samples", 1))
         self.embedding_dim = int(manifest["embedding_dim"])
-        self.output_names = output_names(manifest, tokens=False)
-        self.activation, self.activation_why = head_activation(manifest)
+        self.head = head  # the classifier head whose scores `logits` are (None: embeddings only)
+        self.output_names = ["embedding"] + (["logits"] if head else [])  # what each window's outputs hold
+        self.activation, self.activation_why = (head.activation, head.activation_why) if head else ("softmax", "")
 
     @classmethod
     def load(
@@ -149,12 +158,14 @@ class Encoder:
         verify: bool = True,
         variant: str | None = None,
         cpu_engine: str | None = None,
+        head: str | None = None,
     ) -> Encoder:
         """Open a bundle folder (or a bare model.onnx with edgeenc metadata).
 
         `variant` picks a gated reduced-precision CPU file, e.g. "int8dyn" for model.int8dyn.onnx;
         `cpu_engine` ("onnxruntime" or "openvino") the CPU engine (with `variant`: its "fp32" or "bf16").
-        Without them the CPU runs the bundle's timed default (`edgeenc optimize`).
+        Without them the CPU runs the bundle's timed default (`edgeenc optimize`). `head` ("probe" or "model")
+        picks the classifier head whose scores `logits` holds; by default an attached probe, else the model's own.
         """
         path = Path(bundle_dir)
         if path.is_file() and path.suffix == ".onnx":
@@ -169,11 +180,13 @@ class Encoder:
         if manifest.get("random_init"):
             warnings.warn(f"{bundle} holds RANDOM weights (exported with --random-init): its embeddings and scores "
                           "mean nothing; every output says random_init true", RandomWeightsWarning, stacklevel=2)
-        labels = _labels(bundle, manifest) if has_classifier(manifest) else None
+        chosen = choose_head(manifest, head)
+        labels = _labels(bundle, chosen) if chosen else None
         skipped: list[BackendUnavailable] = []
-        backend, log = select_backend(bundle, manifest, output_names(manifest, tokens=False), device, threads,
-                                      variant, skipped, cpu_engine=cpu_engine)
-        return cls(bundle, manifest, backend, labels, log, brief_log(log, skipped))
+        graph_outputs = ["embedding"] + ([chosen.output] if chosen else [])
+        backend, log = select_backend(bundle, manifest, graph_outputs, device, threads, variant, skipped,
+                                      cpu_engine=cpu_engine)
+        return cls(bundle, manifest, backend, labels, log, brief_log(log, skipped), chosen)
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -205,6 +218,8 @@ class Encoder:
         finite_in = np.isfinite(samples).all(axis=1)
         ran = np.flatnonzero(finite_in)
         outputs = self.backend.run(samples[ran]) if len(ran) else {}
+        if self.head is not None and self.head.output in outputs:  # the chosen head's logits, whichever output
+            outputs["logits"] = outputs.pop(self.head.output)
         finite_out = np.ones(len(ran), bool)
         for values in outputs.values():
             finite_out &= np.isfinite(values.reshape(len(ran), -1)).all(axis=1)

@@ -38,6 +38,10 @@ RUN_FILE = "run.json"
 DEFAULT_RANGE_SECONDS = 600.0  # a killed run loses at most about this much audio of a long file
 
 
+# What a run.json written before a field was recorded meant by its absence.
+OLDER_RUNS = {"head": "model"}
+
+
 class ResumeMismatch(ValueError):
     """The parts folder holds results of a run with other options; the message names the first one."""
 
@@ -49,6 +53,7 @@ def run_identity(encoder: Encoder, options: WindowOptions) -> dict[str, str]:
             "checkpoint_sha256": str(encoder.manifest.get("checkpoint_sha256")),
             "bundle_sha256": bundle_identity(encoder.bundle, encoder.manifest)[1],
             "variant": encoder.backend.variant,
+            "head": "probe" if encoder.head is not None and encoder.head.name == "probe" else "model",
             **{name: json.dumps(getattr(options, name))
                for name in ("window_seconds", "hop_seconds", "last", "channel")}}
 
@@ -68,7 +73,7 @@ class PartFolder:
         except (OSError, ValueError):
             return  # no parts yet (or none that say what made them: those are never loaded)
         for name, value in self.run.items():
-            if saved.get(name) != value:
+            if saved.get(name, OLDER_RUNS.get(name)) != value:
                 raise ResumeMismatch(
                     f"{self.folder} holds the finished files of a run with {name} {saved.get(name)}, this run has "
                     f"{value}: run again with the options of that run to resume it, or pass --overwrite to start "

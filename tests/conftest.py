@@ -258,3 +258,31 @@ def bad_audio_files(birds_wav: Path, tmp_path_factory) -> dict[str, Path]:
     paths["good_b"] = folder / "good_b.wav"
     sf.write(paths["good_b"], samples[rate : 5 * rate], rate, subtype="PCM_16")
     return paths
+
+
+# --- your own classifier: a labelled set and a probe attached to the tiny EAT -------------------------------
+
+
+@pytest.fixture(scope="session")
+def probe_set(tmp_path_factory) -> tuple[Path, list]:
+    """(root, written): tests/probe_data.py's easy set: tone, chirp and pulses, 5 recordings of 6 s each."""
+    from probe_data import make_dataset
+
+    root = tmp_path_factory.mktemp("probe-set") / "data"
+    return root, make_dataset(root, per_label=5, negatives=0, both=0, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_probe_bundle(tiny_eat_bundle, probe_set, tmp_path_factory) -> tuple[Path, Path]:
+    """(attached bundle, probe folder): `probe train` on the easy set (2 s windows) and `probe attach`, by the CLI."""
+    from typer.testing import CliRunner
+
+    from edgeenc.cli import app
+
+    folder = tmp_path_factory.mktemp("tiny-probe")
+    probe, attached = folder / "probe", folder / "attached"
+    for args in (["probe", "train", tiny_eat_bundle[0], probe_set[0], "-o", probe, "--window", "2", "--device", "cpu"],
+                 ["probe", "attach", tiny_eat_bundle[0], probe, "-o", attached]):
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return attached, probe

@@ -1,5 +1,5 @@
 """The import graph holds the design's arrows: models -> export -> bundle -> runtime, and inside the runtime a
-core with four wings (backends, recorder, archive, bench) that reach each other only through faces.
+core with five wings (backends, recorder, archive, bench, probes) that reach each other only through faces.
 
 Every module's imports are parsed, function-local ones too, because a lazy import is still a
 dependency: the runtime must install and run on a Jetson without models/ or export/ code.
@@ -31,9 +31,9 @@ def is_cli(module: str) -> bool:
     return module == "edgeenc.cli" or module.startswith("edgeenc.cli_")
 
 
-WINGS = ("backends", "recorder", "archive", "bench")
+WINGS = ("backends", "recorder", "archive", "bench", "probes")
 # Wings that are parts of the product beside each other; backends is what every one of them runs on.
-SIBLING_WINGS = ("recorder", "archive", "bench")
+SIBLING_WINGS = ("recorder", "archive", "bench", "probes")
 
 
 def project_modules() -> dict[str, Path]:

@@ -160,6 +160,25 @@ def test_classifier_top1_and_text_output(edgeenc_embed, tiny_eat_bundle, tmp_pat
     assert "random weights" in plain.stderr
 
 
+def test_an_attached_probe_is_the_default_head(edgeenc_embed, tiny_probe_bundle, probe_set, tmp_path):
+    """The metadata of an attached bundle names the probe's output, classes and activation: the same program
+    prints the probe's labels and scores, as `edgeenc classify` does."""
+    attached = tiny_probe_bundle[0]
+    wav = probe_set[0] / "pulses" / "pulses_2.wav"
+    cpp = cpp_json(edgeenc_embed, attached, wav, "--window", "2", "--labels", attached / "probe_labels.json",
+                   "--top-k", "3")
+    assert cpp["activation"] == "softmax" and [w["top_k"][0]["label"] for w in cpp["windows"]] == ["pulses"] * 3
+    out = tmp_path / "python.csv"
+    result = CliRunner().invoke(app, ["classify", str(attached), str(wav), "-o", str(out), "--window", "2",
+                                      "--top-k", "3"])
+    assert result.exit_code == 0, result.output
+    with out.open() as f:
+        python = [(r["label"], float(r["score"])) for r in csv.DictReader(f)]
+    got = [(t["label"], t["score"]) for w in cpp["windows"] for t in w["top_k"]]
+    assert [g[0] for g in got] == [p[0] for p in python]
+    np.testing.assert_allclose([g[1] for g in got], [p[1] for p in python], atol=1e-5)
+
+
 @pytest.mark.slow
 def test_full_size_eat_matches_python(edgeenc_embed, full_eat_bundle, tmp_path):
     bundle = full_eat_bundle[0]

@@ -128,6 +128,19 @@ def test_ray_classify_keeps_the_top_k_of_single_process_classify(tiny_eat_bundle
                                atol=1e-5)
 
 
+def test_ray_classify_scores_with_an_attached_probe(tiny_probe_bundle, probe_set, ray_address, tmp_path):
+    files = [probe_set[0] / label / f"{label}_3.wav" for label in ("tone", "chirp", "pulses")]
+    out = tmp_path / "out"
+    result = cli("classify", tiny_probe_bundle[0], *files, "-o", out, "--top-k", 1, "--window", 2, "--engine", "ray",
+                 "--address", ray_address, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    rows = _sorted(pq.read_table(out / "shards"))
+    by_file = {}
+    for file, labels in zip(rows["file"], rows["labels"]):
+        by_file.setdefault(Path(file).name, set()).update(labels)
+    assert by_file == {"tone_3.wav": {"tone"}, "chirp_3.wav": {"chirp"}, "pulses_3.wav": {"pulses"}}
+
+
 # The killed job: the same command in another driver process, which SIGKILLs itself (no cleanup, no
 # atexit) the moment its first shard is on disk, with the other files' ranges still in flight.
 KILLED_AFTER_FIRST_SHARD = """

@@ -130,6 +130,18 @@ def test_classify_cli_without_torch(tiny_eat_bundle, torch_free_audio, tmp_path,
     assert len(lines) == 1 + 2 * 2  # header, two windows of two labels
 
 
+@pytest.mark.parametrize("block", [True, False], ids=["torch-blocked", "torch-installed"])
+def test_probe_train_and_attach_without_torch(tiny_eat_bundle, probe_set, tmp_path, block):
+    """A Jetson without torch trains and attaches its own classifier: scikit-learn and onnx only."""
+    probe, attached = tmp_path / "probe", tmp_path / "attached"
+    for args in (("probe", "train", tiny_eat_bundle[0], probe_set[0], "-o", probe, "--window", "2"),
+                 ("probe", "attach", tiny_eat_bundle[0], probe, "-o", attached)):
+        proc, report = run_child(CLI, block=block, args=args)
+        assert proc.returncode == 0, proc.stderr
+        assert_torch_free(proc, report)
+    assert json.loads((attached / "probe_labels.json").read_text()) == ["chirp", "pulses", "tone"]
+
+
 def test_runtime_is_python_310_compatible():
     vermin = shutil.which("vermin")
     if vermin is None:

@@ -41,6 +41,7 @@ class RayOptions:
     device: str = "auto"
     variant: str | None = None
     cpu_engine: str | None = None
+    head: str | None = None  # the classifier head (Encoder.load's `head`)
     ranges_per_batch: int = 8  # ranges handed to an actor at once
     shard_files: int = 64  # files per Parquet shard: what a kill can cost at most
 
@@ -92,8 +93,8 @@ class EncoderActor:
     """A Ray Data worker: one Encoder; each call embeds a batch of ranges into one row per range."""
 
     def __init__(self, bundle: str, device: str, threads: int, variant: str | None, cpu_engine: str | None,
-                 options: WindowOptions) -> None:
-        self.encoder = Encoder.load(bundle, device, threads=threads, variant=variant, cpu_engine=cpu_engine)
+                 options: WindowOptions, head: str | None = None) -> None:
+        self.encoder = Encoder.load(bundle, device, threads=threads, variant=variant, cpu_engine=cpu_engine, head=head)
         self.options = options
 
     def _blocks(self, path: str, start: int, stop: int | None):
@@ -171,7 +172,8 @@ def run_on_ray(plan: ArchivePlan, output: ArchiveOutput, bundle: str, options: R
     if plan.ranges:
         rows = [{**asdict(r), "stop": -1 if r.stop is None else r.stop} for r in plan.ranges]
         actor_args = {"bundle": str(bundle), "device": options.device, "threads": options.threads_per_worker,
-                      "variant": options.variant, "cpu_engine": options.cpu_engine, "options": plan.options}
+                      "variant": options.variant, "cpu_engine": options.cpu_engine, "options": plan.options,
+                      "head": options.head}
         dataset = ray.data.from_items(rows).map_batches(
             EncoderActor, fn_constructor_kwargs=actor_args, batch_size=options.ranges_per_batch,
             batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=options.workers),

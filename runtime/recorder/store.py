@@ -212,6 +212,12 @@ class Store:
                          variant=encoder.backend.variant, random_init=bool(encoder.manifest.get("random_init")))
         try:
             store.set_meta("sample_rate", str(encoder.sample_rate))  # what Raven tables of its events need
+            head = encoder.head.name if encoder.head else "none"
+            saved = store.meta().get("head")
+            if saved is not None and saved != head:  # labels of two heads must not mix in one database
+                raise StoreError(f"{store.path} holds detections of the bundle's {saved} head, this run scores with "
+                                 f"its {head} head: pass --head {saved}, or another --db")
+            store.set_meta("head", head)
         except BaseException:
             store.close()
             raise
