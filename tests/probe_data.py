@@ -94,3 +94,11 @@ def write_raven(path: Path, written: list[Written], column: str = "Species") -> 
             rows.append("\t".join([str(n), "Spectrogram 1", "1", "0", f"{w.seconds:g}", "0", "8000",
                                    Path(os.path.relpath(w.path, path.parent)).as_posix(), label]))
     path.write_text("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":  # python tests/probe_data.py OUT: the labelled set README's example trains on
+    import sys
+
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "calls")
+    made = make_dataset(out, per_label=6, negatives=4, both=3, seed=2)
+    print(f"wrote {len(made)} recordings of {SECONDS:g} s under {out}/: tone, chirp, pulses, chirp,tone, negative")

@@ -43,7 +43,8 @@ def example_paths(line: str) -> tuple[list[str], list[str]]:
     if "Encoder.load(" in line or "embed_file(" in line or "classify_file(" in line:
         return [s for s in STRING.findall(line) if is_path(s)], []
     command = line.split(" #")[0].split("|")[-1].strip()
-    if not (command.startswith(("edgeenc ", "cpp/build/edgeenc-embed", "bash cpp/build.sh"))):
+    if not (command.startswith(("edgeenc ", "cpp/build/edgeenc-embed", "bash cpp/build.sh",
+                                "python tests/probe_data.py"))):
         return [], []
     try:
         tokens = shlex.split(command)
@@ -56,6 +57,8 @@ def example_paths(line: str) -> tuple[list[str], list[str]]:
         writes.append("bundles/demo")
     if tokens[:2] == ["bash", "cpp/build.sh"]:
         writes.append("cpp/build")
+    if tokens[:2] == ["python", "tests/probe_data.py"]:  # the labelled set of README's probe example
+        writes.append(tokens[2])
     reads = [t for t in tokens[1:] if is_path(t) and t not in writes]
     return reads, writes
 

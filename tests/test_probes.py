@@ -374,6 +374,24 @@ def test_a_damaged_probe_file_is_refused(tiny_eat_bundle, tiny_probe_bundle, tmp
     assert result.exit_code == ExitStatus.USAGE and "do not make a probe" in result.output
 
 
+def test_optimize_on_the_attached_bundle_keeps_the_probe_in_every_variant(tiny_probe_bundle, probe_set, tmp_path):
+    import shutil
+
+    bundle = shutil.copytree(tiny_probe_bundle[0], tmp_path / "bundle")
+    result = cli("optimize", bundle)
+    assert result.exit_code == 0, result.output
+    wav = probe_set[0] / "tone" / "tone_1.wav"
+    # model.cpu.onnx is written on every CPU (the int8 and bf16 ones depend on its instructions)
+    outputs = [o.name for o in onnx.load(str(bundle / "model.cpu.onnx"), load_external_data=False).graph.output]
+    assert "probe_logits" in outputs and "probe_scores" in outputs
+    out = tmp_path / "cpu.csv"
+    result = cli("classify", bundle, wav, "-o", out, "--window", 2, "--top-k", 1, "--variant", "cpu",
+                 "--cpu-engine", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    with open(out, newline="") as fh:
+        assert [r["label"] for r in csv.DictReader(fh)] == ["tone"] * 3
+
+
 # --- the recorder: watch and listen store the probe's labels ---------------------------------------------------
 
 
