@@ -116,6 +116,28 @@ def test_bad_annotation_tables_name_the_file_row_and_fix(tmp_path, content, mess
         load_labelled(tmp_path / "labels.csv")
 
 
+def test_a_reviewed_clips_index_becomes_labels_negatives_and_corrections(tmp_path):
+    from edgeenc.runtime.clips import INDEX_COLUMNS
+
+    sf.write(tmp_path / "rec.wav", np.zeros(16000 * 20, np.float32), 16000)
+    sf.write(tmp_path / "live-clip.flac", np.zeros(16000 * 4, np.float32), 16000)
+    rows = [  # clip, file, start, end, clip_start, label, score, windows, utc_start, verdict
+        ("c1.flac", str(tmp_path / "rec.wav"), 0, 2, 0, "wren", 0.9, 1, "", "yes"),
+        ("c2.flac", str(tmp_path / "rec.wav"), 4, 6, 3.5, "wren", 0.8, 1, "", "no"),
+        ("c3.flac", str(tmp_path / "rec.wav"), 8, 10, 7.5, "wren", 0.7, 1, "", "robin"),
+        ("c4.flac", str(tmp_path / "rec.wav"), 12, 14, 11.5, "wren", 0.6, 1, "", ""),
+        ("live-clip.flac", "live:mic", 101, 103, 100, "wren", 0.9, 1, "", "yes"),
+    ]
+    with open(tmp_path / "index.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(INDEX_COLUMNS)
+        writer.writerows(rows)
+    found = {Path(r.path).name: [(s.start, s.end, s.label) for s in r.spans]
+             for r in load_labelled(tmp_path / "index.csv")}
+    assert found == {"rec.wav": [(0.0, 2.0, "wren"), (4.0, 6.0, None), (8.0, 10.0, "robin")],
+                     "live-clip.flac": [(1.0, 3.0, "wren")]}  # a live event: its clip is the recording
+
+
 def test_empty_data_and_unknown_files_are_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(LabelledDataError, match="no labelled recording found"):
