@@ -275,14 +275,12 @@ def probe_set(tmp_path_factory) -> tuple[Path, list]:
 @pytest.fixture(scope="session")
 def tiny_probe_bundle(tiny_eat_bundle, probe_set, tmp_path_factory) -> tuple[Path, Path]:
     """(attached bundle, probe folder): `probe train` on the easy set (2 s windows) and `probe attach`, by the CLI."""
-    from typer.testing import CliRunner
-
-    from edgeenc.cli import app
+    from clirun import cli
 
     folder = tmp_path_factory.mktemp("tiny-probe")
     probe, attached = folder / "probe", folder / "attached"
     for args in (["probe", "train", tiny_eat_bundle[0], probe_set[0], "-o", probe, "--window", "2", "--device", "cpu"],
                  ["probe", "attach", tiny_eat_bundle[0], probe, "-o", attached]):
-        result = CliRunner().invoke(app, [str(a) for a in args])
+        result = cli(*args)
         assert result.exit_code == 0, result.output
     return attached, probe

@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from typer.testing import CliRunner
+from clirun import cli
 
-from edgeenc.cli import app
 from edgeenc.cli_common import ExitStatus
 from edgeenc.hashing import sha256_file
 from edgeenc.runtime.bundle import MANIFEST, add_files_to_manifest, read_manifest
@@ -29,12 +28,6 @@ from edgeenc.runtime.bundle import MANIFEST, add_files_to_manifest, read_manifes
 CLI = [sys.executable, "-c", "from edgeenc.cli import main; main()"]
 REPO = Path(__file__).resolve().parents[1]
 
-
-def cli(*args, env: dict | None = None):
-    result = CliRunner().invoke(app, [str(a) for a in args], env=env)
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def run(*args, env: dict | None = None, timeout: float = 120, **kw) -> subprocess.CompletedProcess:

@@ -9,20 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from clirun import cli
 
-from edgeenc.cli import app
 from edgeenc.cli_common import ExitStatus
 from edgeenc.runtime.writers import RAVEN_COLUMNS
 
 BAD_KINDS = ("unreadable", "empty", "truncated", "zero_length", "nan")
 
-
-def cli(*args) -> object:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def load_npz(path: Path) -> dict:

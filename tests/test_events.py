@@ -16,22 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from clirun import cli
 from stall import STALLING_CLI, stall_env
-from typer.testing import CliRunner
 
-from edgeenc.cli import app
 from edgeenc.cli_common import ExitStatus
 from edgeenc.runtime.bundle import MANIFEST, add_files_to_manifest
 from edgeenc.runtime.scores import Detection, ScoreOptions, detections, merge_events
 
 CLI = [sys.executable, "-c", "from edgeenc.cli import main; main()"]
 
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def rows_of(path: Path, delimiter: str = ",") -> list[dict]:

@@ -17,21 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from typer.testing import CliRunner
+from clirun import cli
 
-from edgeenc.cli import app
 from edgeenc.cli_common import ExitStatus
 from edgeenc.runtime.bundle import MANIFEST, add_files_to_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-c", "from edgeenc.cli import main; main()"]
 
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture

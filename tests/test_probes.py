@@ -18,10 +18,9 @@ import numpy as np
 import onnx
 import pytest
 import soundfile as sf
+from clirun import cli
 from probe_data import make_dataset, recording, write_csv, write_raven
-from typer.testing import CliRunner
 
-from edgeenc.cli import app
 from edgeenc.cli_common import ExitStatus
 from edgeenc.runtime import Encoder
 from edgeenc.runtime.bundle import bundle_identity, read_manifest, verify_bundle
@@ -40,12 +39,6 @@ from edgeenc.runtime.probes.train import split_by_file
 
 pytest.importorskip("sklearn")
 
-
-def cli(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 def windows_of(recordings, encoder, window=2.0):

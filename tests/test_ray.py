@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from typer.testing import CliRunner
+from clirun import cli
 
 ray = pytest.importorskip("ray")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from edgeenc.cli import app  # noqa: E402
 from edgeenc.cli_common import ExitStatus  # noqa: E402
 
 SHORT_FILES = 31
@@ -33,12 +32,6 @@ LONG_SECONDS = 95.5
 RANGE_SECONDS = 20  # so the long file is five ranges
 FILES = SHORT_FILES + 1
 
-
-def cli(*args) -> object:
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return result
 
 
 @pytest.fixture(scope="module")
