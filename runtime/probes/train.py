@@ -60,6 +60,11 @@ class LabelledWindows:
         per_window = self.targets.sum(axis=1)
         return bool((per_window != 1).any())
 
+    @property
+    def activation(self) -> str:
+        """How the probe's logits become scores: one sigmoid per label (multilabel), else softmax."""
+        return "sigmoid" if self.multilabel else "softmax"
+
     def file_labels(self) -> list[frozenset[str]]:
         """The labels of each recording's windows together."""
         found: list[set[str]] = [set() for _ in self.files]
@@ -237,9 +242,6 @@ class Probe:
         return ("one-vs-rest logistic regression: windows may have several labels or none" if self.activation ==
                 "sigmoid" else "multinomial logistic regression: every training window had exactly one label")
 
-    def scores(self, embeddings: np.ndarray) -> np.ndarray:
-        return probe_scores(embeddings, self.weights, self.bias, self.activation)
-
     def to_json(self) -> dict[str, Any]:
         return {"format": PROBE_FORMAT, "kind": "edgeenc linear probe", "classes": self.classes,
                 "activation": self.activation, "activation_why": self.activation_why,
@@ -298,13 +300,11 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def counts(data: LabelledWindows, rows: np.ndarray | None = None) -> dict[str, dict[str, int]]:
-    rows = np.arange(len(data.groups)) if rows is None else rows
-    out = {}
-    for c, label in enumerate(data.classes):
-        mine = rows[data.targets[rows, c]]
-        out[label] = {"windows": int(len(mine)), "recordings": int(len(np.unique(data.groups[mine])))}
-    return out
+def counts(data: LabelledWindows) -> dict[str, dict[str, int]]:
+    """Windows and recordings of every label."""
+    return {label: {"windows": int(data.targets[:, c].sum()),
+                    "recordings": int(len(np.unique(data.groups[data.targets[:, c]])))}
+            for c, label in enumerate(data.classes)}
 
 
 def train_probe(data: LabelledWindows, bundle: dict[str, Any], settings: ProbeSettings = ProbeSettings(), *,
@@ -314,12 +314,11 @@ def train_probe(data: LabelledWindows, bundle: dict[str, Any], settings: ProbeSe
     started = time.perf_counter()
     figures = evaluate(data, settings)
     split_info = figures.pop("split")
-    activation = "sigmoid" if data.multilabel else "softmax"
     weights, bias, fold_error = fit_linear(data.embeddings, data.targets, data.multilabel, settings)
     negatives = int((~data.targets.any(axis=1)).sum())
     info = {**(data_info or {}), "recordings": len(data.files), "windows": int(len(data.groups)),
             "negative_windows": negatives, "per_class": counts(data)}
-    return Probe(data.classes, activation, weights, bias, bundle, info, split_info,
+    return Probe(data.classes, data.activation, weights, bias, bundle, info, split_info,
                  {**figures, "fit_seconds": round(time.perf_counter() - started, 3)},
                  {**asdict(settings), "solver": "lbfgs", "class_weight": "balanced", "standardised": True,
                   "scheme": "one-vs-rest" if data.multilabel else "multinomial"},
@@ -330,10 +329,9 @@ def evaluate(data: LabelledWindows, settings: ProbeSettings = ProbeSettings()) -
     """The three figures of one bundle's embeddings of `data`: the probe's on the held-out recordings, retrieval
     and clustering on every labelled window; with the split it used."""
     split = split_by_file(data, settings.seed)
-    activation = "sigmoid" if data.multilabel else "softmax"
     weights, bias, _ = fit_linear(data.embeddings[split.train], data.targets[split.train], data.multilabel, settings)
-    held_out = probe_metrics(probe_scores(data.embeddings[split.test], weights, bias, activation),
-                             data.targets[split.test], data.classes, activation)
+    held_out = probe_metrics(probe_scores(data.embeddings[split.test], weights, bias, data.activation),
+                             data.targets[split.test], data.classes, data.activation)
     return {**held_out,
             "retrieval_roc_auc": retrieval_roc_auc(data.embeddings, data.targets, settings.seed),
             "clustering_nmi": clustering_nmi(data.embeddings, data.targets, settings.seed),
