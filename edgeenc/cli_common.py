@@ -332,6 +332,48 @@ def recorder_logging(quiet: bool, events_logger: str) -> None:
     logging.getLogger(events_logger).setLevel(logging.CRITICAL + 1)  # the command prints these events itself
 
 
+class WindowsProgress:
+    """A progress bar over windows for long index builds; quiet for small ones."""
+
+    def __init__(self, what: str, shown_from: int = 50000) -> None:
+        self.what, self.shown_from, self.bar = what, shown_from, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            if total < self.shown_from:
+                return
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="window", desc=self.what, file=sys.stderr, unit_scale=True)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def keep_results_index(store, wanted: bool) -> None:
+    """`--index`: the writer keeps the results file's nearest-neighbour index (when usearch is installed)."""
+    from edgeenc.runtime.neighbours import INDEX_EXTRA, have_index_library
+
+    if not wanted:
+        return
+    if not have_index_library():
+        note(f"note: no nearest-neighbour index (usearch is not installed): `edgeenc search` will score every "
+             f"stored window; {INDEX_EXTRA} for it")
+        return
+    from edgeenc.runtime.neighbours import IndexProblem
+    from edgeenc.runtime.recorder import keep_index
+
+    progress = WindowsProgress("rebuilding the index")
+    try:
+        keep_index(store, on_note=note, on_progress=progress)
+    except (OSError, IndexProblem) as exc:  # the recordings matter more: go on without the index
+        note(f"warning: no index this run ({exc}); `edgeenc search` scores the stored windows exactly")
+    finally:
+        progress.close()
+
+
 def open_results_store(opener):
     """The SQLite results store `opener()` returns; a locked one exits LOCKED, a bad one USAGE."""
     from edgeenc.runtime.recorder import StoreError, StoreLocked

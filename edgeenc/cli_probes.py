@@ -81,8 +81,8 @@ def _bundle_info(encoder) -> dict:
 def train(
     bundle: Path = typer.Argument(..., help="a bundle folder: the probe is trained on its embeddings"),
     data: Path = typer.Argument(..., help="labelled recordings: a folder with a folder per label, a CSV of "
-                                          "file,start,end,label rows, Raven selection tables, or a review index.csv "
-                                          "from `edgeenc clips`"),
+                                          "file,start,end,label rows, Raven selection tables, a review index.csv "
+                                          "from `edgeenc clips`, or a search table from `edgeenc search -o`"),
     out: Path = typer.Option(..., "-o", "--out", help="the probe's folder (probe.json, report.md)"),
     label_column: str | None = LabelColumnOpt,
     negatives: list[str] | None = NegativesOpt,

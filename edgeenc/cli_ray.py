@@ -18,6 +18,7 @@ from edgeenc.cli_common import (
     EncoderChoice,
     ExitStatus,
     Scoring,
+    WindowsProgress,
     fail,
     failing_on,
     flag_type,
@@ -131,6 +132,26 @@ def run_ray_command(bundle: Path, audio: list[str], out: Path, run: RunStrategy,
     note(f"{progress.done} file(s) done, {progress.failed} failed, {len(plan.skipped)} already done; "
          f"{progress.seconds / 3600:.3f} h of audio in {wall:.1f} s ({progress.seconds / max(wall, 1e-9):.1f}x real "
          f"time); wrote {output.shards}")
+    index_written_archive(out)
     if progress.failed:
         note(f"failures are listed in {output.failures_path}: fix or remove those files and run again to resume")
         raise typer.Exit(ExitStatus.SOME_FILES_FAILED)
+
+
+def index_written_archive(out: Path) -> None:
+    """The archive's nearest-neighbour index, brought up to date with the shards just written (edgeenc[search])."""
+    from edgeenc.runtime.archive import ArchiveError, index_archive
+    from edgeenc.runtime.neighbours import INDEX_EXTRA, IndexProblem, have_index_library
+
+    if not have_index_library():
+        note(f"note: `edgeenc search {out}` scores every window (no index): {INDEX_EXTRA} for the index")
+        return
+    progress = WindowsProgress("indexing")
+    try:
+        added, count = index_archive(out, on_note=note, on_progress=progress)
+    except (ArchiveError, IndexProblem, OSError) as exc:  # the shards are written; the index can be made later
+        note(f"warning: the index of {out} was not updated ({exc}); `edgeenc index {out}` makes it")
+        return
+    finally:
+        progress.close()
+    note(f"indexed {added} new window(s) for `edgeenc search`: {count} in {out}/index")

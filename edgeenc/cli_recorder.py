@@ -1,5 +1,5 @@
-"""The recorder commands: `watch` (a folder), `listen` (a live source), and `export-db` and `search` over their
-SQLite results file."""
+"""The recorder commands: `watch` (a folder), `listen` (a live source), and `export-db`, `clips` and `serve` over
+their SQLite results file (`search` and `index` are in cli_search.py: they take archives too)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from edgeenc.cli_common import (
     fail,
     failing_on,
     grouped_options,
+    keep_results_index,
     note,
     open_results_store,
     recorder_logging,
@@ -34,6 +35,9 @@ def watch(
     poll: float = typer.Option(5.0, "--poll", help="seconds between scans of INBOX"),
     settle: float = typer.Option(10.0, "--settle", help="a file is taken once unchanged for this many seconds"),
     quiet: bool = typer.Option(False, "--quiet", help="log only failures"),
+    index: bool = typer.Option(True, "--index/--no-index", help="keep the nearest-neighbour index of the stored "
+                               "windows beside the results file (<db>.index/, needs edgeenc[search]) for fast "
+                               "`edgeenc search`"),
     scoring: Scoring = Scoring(),
     windows: WindowOptions = WindowOptions(),
     choice: EncoderChoice = EncoderChoice(),
@@ -48,6 +52,8 @@ def watch(
     options = scoring.options(encoder)
     recorder_logging(quiet, "edgeenc.runtime.recorder.watch.events")
     store = open_results_store(lambda: Store.for_encoder(db, encoder))
+    with failing_on(StoreError):
+        keep_results_index(store, index)
 
     def on_event(kind: str, path: str, detail: str) -> None:
         if kind == "failed":
@@ -169,45 +175,6 @@ def say_what_it_holds(db: Path, store) -> None:
 
 
 @grouped_options
-def search(
-    db: Path = typer.Argument(..., help="a results file written by `edgeenc watch`"),
-    audio: Path = typer.Argument(..., help="the recording to look for"),
-    bundle: Path = typer.Option(..., "--bundle", help="the bundle the results were made with"),
-    top: int = typer.Option(10, "--top", help="how many windows to list"),
-    windows: WindowOptions = WindowOptions(),
-    choice: EncoderChoice = EncoderChoice(),
-) -> None:
-    """The stored windows nearest to AUDIO (cosine over embeddings)."""
-    from edgeenc.runtime.audio import AudioError
-    from edgeenc.runtime.bundle import bundle_identity
-    from edgeenc.runtime.recorder import Store, StoreError
-
-    with failing_on(StoreError):
-        store = Store.open_reader(db)
-    with store:
-        encoder = choice.open(bundle)
-        say_what_it_holds(db, store)
-        meta = store.meta()
-        model_id, bundle_hash = bundle_identity(encoder.bundle, encoder.manifest)
-        if (meta.get("model_id"), meta.get("bundle_hash")) != (model_id, bundle_hash):
-            fail(f"{db} was made with {meta.get('model_id')} (bundle {meta.get('bundle_hash', '')[:12]}), "
-                 f"not {model_id} ({bundle_hash[:12]}): embeddings of different bundles cannot be compared")
-        with failing_on(AudioError):
-            query = encoder.embed_file(audio, windows)
-        with failing_on(StoreError):
-            hits = store.nearest(query.embeddings, top=top)
-    rows = [("file", "start", "end", "cosine")] + [(f, f"{s:.3f}", f"{e:.3f}", f"{c:.6f}") for f, s, e, c in hits]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for i, row in enumerate(rows):
-        typer.echo("  ".join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in
-                             enumerate(zip(row, widths))).rstrip())
-        if i == 0:
-            typer.echo("  ".join("-" * w for w in widths))
-    if not hits:
-        note(f"{db} holds no windows yet")
-
-
-@grouped_options
 def listen(
     bundle: Path = typer.Option(..., "--bundle", help="a bundle folder"),
     db: Path = typer.Option(Path("results.sqlite"), "--db", help="SQLite results file (created if missing)"),
@@ -226,6 +193,9 @@ def listen(
                                        "arrives this many seconds later than its sample count says"),
     ffmpeg: str = typer.Option("ffmpeg", "--ffmpeg", help="the ffmpeg program for ffmpeg:URL"),
     quiet: bool = typer.Option(False, "--quiet", help="log only drops, restarts and failures"),
+    index: bool = typer.Option(True, "--index/--no-index", help="keep the nearest-neighbour index of the stored "
+                               "windows beside the results file (<db>.index/, needs edgeenc[search]) for fast "
+                               "`edgeenc search`"),
     scoring: Scoring = Scoring(),
     windows: WindowOptions = WindowOptions(last="short"),
     choice: EncoderChoice = EncoderChoice(),
@@ -246,6 +216,8 @@ def listen(
                            rate=rate, channels=channels, ffmpeg=ffmpeg)
 
     store = open_results_store(lambda: LiveStore.for_encoder(db, encoder))
+    with failing_on(StoreError):
+        keep_results_index(store, index)
 
     def on_event(kind: str, detail: str) -> None:
         if kind == "dropped":

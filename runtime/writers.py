@@ -20,6 +20,9 @@ Classifications (:func:`write_classifications`):
   ``file_durations`` it adds the durations of the files listed before, in order of first
   appearance, as BirdNET's combined tables do.
 
+Search results (:func:`write_hits`): ``rank,file,start,end,cosine,stored_labels,label`` as CSV or Parquet,
+with an empty ``label`` column to fill in for `edgeenc probe train`.
+
 Every file is written to a temporary name in the same folder, flushed to disk and moved into
 place with ``os.replace``; an interrupted run (or a full disk) leaves either the old file or the new
 one. :func:`check_output` refuses an output before any work: an unknown suffix, a folder, a place that
@@ -46,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path, atomic_text
+from .neighbours import Hit
 
 __all__ = [
     "WriterError",
@@ -168,6 +172,42 @@ def write_events(path: str | os.PathLike[str], rows: Sequence[EventRow], *, meta
         types = {"file": pa.string(), "label": pa.string(), "start": pa.float64(), "end": pa.float64(),
                  "max_score": pa.float64(), "mean_score": pa.float64(), "windows": pa.int64(), "utc_start": pa.string()}
         table = pa.table({name: pa.array(values, types[name]) for name, values in columns.items()})
+        meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in dict(metadata or {}).items()}
+        with atomic_path(p) as tmp:
+            pq.write_table(table.replace_schema_metadata(meta), tmp)
+
+
+HIT_COLUMNS = ("rank", "file", "start", "end", "cosine", "stored_labels", "label")
+
+
+def write_hits(path: str | os.PathLike[str], hits: Sequence[Hit], *, metadata: Mapping[str, Any] | None = None) -> None:
+    """Search results as CSV or Parquet (HIT_COLUMNS): `stored_labels` are the labels stored with the window
+    (`;`-joined in CSV, a list in Parquet); `label` is empty, for a person to fill in: the table is then
+    labelled data for `edgeenc probe train` (runtime/probes/data.py reads it; a row left empty is not used)."""
+    p = os.fspath(path)
+    suffix = os.path.splitext(p)[1].lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise WriterError(f"{p}: unsupported format {suffix or '(no suffix)'!r}; use .csv or .parquet")
+    with _writing(p):
+        if suffix == ".csv":
+            with atomic_text(p) as f:
+                w = csv.writer(f, lineterminator="\n")
+                w.writerow(HIT_COLUMNS)
+                for rank, h in enumerate(hits, 1):
+                    w.writerow([rank, spreadsheet_safe(h.file), _float(h.start), _float(h.end), f"{h.cosine:.6f}",
+                                spreadsheet_safe(";".join(h.labels)), ""])
+            _write_sidecar(p, metadata)
+            return
+        pa, pq = _pyarrow(p, [".csv"])
+        table = pa.table({
+            "rank": pa.array(range(1, len(hits) + 1), pa.int64()),
+            "file": pa.array([h.file for h in hits], pa.string()),
+            "start": pa.array([h.start for h in hits], pa.float64()),
+            "end": pa.array([h.end for h in hits], pa.float64()),
+            "cosine": pa.array([h.cosine for h in hits], pa.float64()),
+            "stored_labels": pa.array([list(h.labels) for h in hits], pa.list_(pa.string())),
+            "label": pa.array([""] * len(hits), pa.string()),
+        })
         meta = {k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in dict(metadata or {}).items()}
         with atomic_path(p) as tmp:
             pq.write_table(table.replace_schema_metadata(meta), tmp)

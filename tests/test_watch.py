@@ -267,9 +267,9 @@ def test_export_db_csv_and_search_finds_the_file_itself(bundle, encoder, tmp_pat
                  "--device", "cpu")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["file", "start", "end", "cosine"] and len(lines) == 5
+    assert lines[0].split() == ["rank", "file", "start", "end", "cosine", "labels"] and len(lines) == 5
     first = lines[2].split()
-    assert Path(first[0]).name == "r2.wav" and float(first[3]) > 0.99999
+    assert Path(first[1]).name == "r2.wav" and float(first[4]) > 0.99999
 
     conn = sqlite3.connect(db)
     with conn:

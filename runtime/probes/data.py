@@ -10,8 +10,11 @@
   recording (the file beside it whose name the table's starts with: `rec.Table.1.selections.txt` -> rec.wav).
 - **A review index** from `edgeenc clips` (`clip,file,start,end,clip_start,label,...,verdict`): `yes` keeps the
   label, `no` makes a negative, another label replaces it, an empty verdict is not used.
+- **A search table** from `edgeenc search -o` (`.csv` or `.parquet`: `rank,file,start,end,cosine,...,label`): a
+  filled-in `label` labels that window, `no` (or a negative name) makes it a negative, an empty one is not used.
+  Only the rows so labelled are used: the rest of their recordings is not annotated (`Recording.complete`).
 
-Annotated recordings are assumed annotated completely: a window that overlaps no annotation is a negative.
+Other annotated recordings are assumed annotated completely: a window that overlaps no annotation is a negative.
 A window takes an annotation's label when they overlap by at least `min_overlap` seconds, or when the
 annotation lies inside the window whole (a call shorter than `min_overlap`).
 """
@@ -45,6 +48,14 @@ class Span:
 class Recording:
     path: str
     spans: list[Span] = field(default_factory=list)
+    complete: bool = True  # False: only windows lying mostly (>= half) inside a span are labelled data
+
+    def used(self, start: float, end: float) -> bool:
+        """Whether the window [start, end) is labelled data: always in a completely annotated recording."""
+        if self.complete:
+            return True
+        return any(min(end, end if s.end is None else s.end) - max(start, s.start) >= (end - start) / 2
+                   for s in self.spans)
 
     def labels_of(self, start: float, end: float, min_overlap: float = MIN_OVERLAP) -> frozenset[str]:
         """The labels a window [start, end) takes from this recording's spans."""
@@ -73,12 +84,15 @@ def load_labelled(source: str | os.PathLike, *, label_column: str | None = None,
         tables = sorted(p for p in source.glob("*.txt") if "selections" in p.name.lower())
         recordings = _from_raven_tables(tables, label_column) if tables else _from_folders(source, negatives)
     elif source.suffix.lower() == ".csv":
-        recordings = _from_csv(source)
+        recordings = _from_csv(source, negatives)
+    elif source.suffix.lower() == ".parquet":
+        recordings = _from_hits(source, _parquet_rows(source), negatives)
     elif source.suffix.lower() == ".txt":
         recordings = _from_raven_tables([source], label_column)
     else:
         raise LabelledDataError(f"{source}: not labelled data: give a folder with a folder per label (or Raven "
-                                "selection tables), a CSV of file,start,end,label rows, or a Raven .txt table")
+                                "selection tables), a CSV of file,start,end,label rows, a Raven .txt table, or a "
+                                "search table (.csv or .parquet) from `edgeenc search -o`")
     if not recordings:
         raise LabelledDataError(f"{source}: no labelled recording found")
     _check_collisions(source, recordings)
@@ -120,11 +134,13 @@ def _add(by_path: dict[str, Recording], file: Path, span: Span) -> None:
     by_path.setdefault(path, Recording(path)).spans.append(span)
 
 
-def _from_csv(path: Path) -> list[Recording]:
+def _from_csv(path: Path, negatives: Sequence[str] = NEGATIVE_NAMES) -> list[Recording]:
     rows = _rows(path, ",")
     columns = set(rows[0]) if rows else set()
     if {"clip", "verdict", "file", "start", "end", "label"} <= columns:
         return _from_review(path, rows)
+    if {"rank", "cosine", "file", "start", "end", "label"} <= columns:
+        return _from_hits(path, rows, negatives)
     missing = {"file", "start", "end", "label"} - columns
     if missing:
         raise LabelledDataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; expected a header "
@@ -151,6 +167,45 @@ def _from_review(path: Path, rows: list[dict[str, str]]) -> list[Recording]:
             _add(by_path, path.parent / row["clip"], Span(start - shift, end - shift, label))
         else:
             _add(by_path, path.parent / recorded, Span(start, end, label))
+    return list(by_path.values())
+
+
+def _parquet_rows(path: Path) -> list[dict[str, str]]:
+    try:
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+    except ImportError:
+        raise LabelledDataError(f"{path}: reading .parquet needs pyarrow: pip install 'edgeenc[parquet]', or save "
+                                "the table as .csv") from None
+    except (OSError, ValueError) as exc:
+        raise LabelledDataError(f"{path}: cannot be read as Parquet ({exc})") from None
+    missing = {"file", "start", "end", "label"} - set(table.column_names)
+    if missing:
+        raise LabelledDataError(f"{path}: missing column(s) {', '.join(sorted(missing))}; a search table from "
+                                "`edgeenc search -o` has file,start,end,label")
+    return [{k: "" if v is None else str(v) for k, v in row.items()}
+            for row in table.select(["file", "start", "end", "label"]).to_pylist()]
+
+
+def _from_hits(path: Path, rows: list[dict[str, str]], negatives: Sequence[str]) -> list[Recording]:
+    negative = {"no", *(n.lower() for n in negatives)}
+    by_path: dict[str, Recording] = {}
+    for number, row in enumerate(rows, 2):
+        label = normalise(row.get("label") or "")
+        if not label:
+            continue
+        start, end = _times(path, number, row["start"], row["end"])
+        recorded = (row["file"] or "").lstrip("'")
+        if recorded.startswith("live:"):
+            raise LabelledDataError(f"{path}:{number}: {recorded} is a live stream, which keeps no recording to "
+                                    "train on; cut its clips with `edgeenc clips` and label those")
+        _add(by_path, path.parent / recorded, Span(start, end, None if label.lower() in negative else label))
+    for recording in by_path.values():
+        recording.complete = False
+    if not by_path:
+        raise LabelledDataError(f"{path}: no row has a label yet: fill in the label column (a label, or no for a "
+                                "negative) of the windows you have listened to")
     return list(by_path.values())
 
 

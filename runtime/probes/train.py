@@ -83,9 +83,12 @@ def labelled_windows(recordings: list[Recording], results: Mapping[str, Embeddin
     embeddings = []
     for index, recording in enumerate(used):
         result = results[recording.path]
-        for start, end in zip(result.starts, result.ends):
-            rows.append((index, float(start), float(end), recording.labels_of(float(start), float(end), min_overlap)))
-        embeddings.append(result.embeddings)
+        keep = [recording.used(float(s), float(e)) for s, e in zip(result.starts, result.ends)]
+        for start, end, kept in zip(result.starts, result.ends, keep):
+            if kept:
+                rows.append((index, float(start), float(end), recording.labels_of(float(start), float(end),
+                                                                                   min_overlap)))
+        embeddings.append(result.embeddings[np.asarray(keep, bool)])
     classes = sorted({label for *_, labels in rows for label in labels})
     if not classes:
         raise LabelledDataError("no window of the data overlaps a labelled span: nothing but negatives to train on")

@@ -110,6 +110,7 @@ class LiveStore(Store):
             c.executemany("INSERT INTO clips (window_id, path, label, score) VALUES (?, ?, ?, ?)",
                           [(ids[i], path, label, score) for i, path, label, score in clips])
             self._totals(c, file_id, audio_seconds, dropped_seconds, restarts)
+        self.committed(ids, emb)
 
     def close_stream(self, file_id: int, *, audio_seconds: float, dropped_seconds: float, restarts: int = 0) -> None:
         with self._transaction() as c:

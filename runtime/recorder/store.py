@@ -2,7 +2,9 @@
 
 Tables::
 
-    meta        key, value: model_id, bundle_hash, embedding_dim the database is bound to, random_init
+    meta        key, value: model_id, bundle_hash, embedding_dim the database is bound to, random_init,
+                store_id (a random id the index beside the file is bound to), windows_epoch (moves on
+                whenever windows are deleted: an index saved before is stale)
     files       id, path UNIQUE, size, mtime, mtime_ns, sha256, status ('done'|'failed'), error,
                 model_id, bundle_hash, processed_at (UTC ISO 8601), audio_seconds, variant (what computed
                 its rows, e.g. "model.int8dyn.onnx on onnxruntime CPUExecutionProvider": a bundle's CPU
@@ -38,9 +40,10 @@ import itertools
 import logging
 import os
 import sqlite3
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -142,6 +145,14 @@ class FileInfo:
     sha256: str
 
 
+class IndexKeeper(Protocol):
+    """What follows the committed rows (store_index.StoreIndex)."""
+
+    def committed(self, ids: Sequence[int], embeddings: np.ndarray | None, removed: Sequence[int] = ()) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class _Lock:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -185,6 +196,7 @@ class Store:
         self._lock = lock
         self._identity = _file_identity(path)
         self.variant = variant  # recorded with every file this writer stores
+        self.index: IndexKeeper | None = None  # the writer's index, when asked for (store_index.keep_index)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model_id: str, bundle_hash: str, embedding_dim: int,
@@ -235,8 +247,27 @@ class Store:
             raise StoreError(f"{p}: not an edgeenc results database (written by `edgeenc watch`)")
         return store
 
+    def take_lock(self) -> None:
+        """Become the one writer of a file opened with open_reader; raises StoreLocked when another holds it."""
+        if self._lock is None:
+            lock = _Lock(self.path + ".lock")
+            lock.acquire()
+            self._lock = lock
+
+    def release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
     def close(self) -> None:
-        self.conn.close()
+        try:
+            if self.index is not None:
+                self.index.close()
+        except OSError as exc:
+            log.warning("%s: the index could not be saved (%s); `edgeenc search` rebuilds it from the rows",
+                        self.path, exc)
+        finally:
+            self.conn.close()
         if self._lock is not None:
             self._lock.release()
 
@@ -259,9 +290,13 @@ class Store:
                 self.conn.executemany(
                     "INSERT INTO meta (key, value) VALUES (?, ?)",
                     [("schema", SCHEMA_VERSION), ("model_id", model_id), ("bundle_hash", bundle_hash),
-                     ("embedding_dim", str(embedding_dim)), ("random_init", str(bool(random_init)).lower())],
+                     ("embedding_dim", str(embedding_dim)), ("random_init", str(bool(random_init)).lower()),
+                     ("store_id", uuid.uuid4().hex)],
                 )
             return
+        if "store_id" not in meta:  # written before the index: the index binds itself to this id
+            with self._transaction() as c:
+                c.execute("INSERT INTO meta (key, value) VALUES ('store_id', ?)", (uuid.uuid4().hex,))
         if "random_init" not in meta and meta.get("bundle_hash") == bundle_hash:  # written before it was kept
             with self._transaction() as c:
                 c.execute("INSERT INTO meta (key, value) VALUES ('random_init', ?)", (str(bool(random_init)).lower(),))
@@ -344,9 +379,10 @@ class Store:
 
     def record_alias(self, info: FileInfo, file_id: int) -> None:
         with self._transaction() as c:
-            self._forget_path(c, info.path)
+            removed = self._forget_path(c, info.path)
             c.execute("INSERT INTO aliases (path, size, mtime_ns, file_id) VALUES (?, ?, ?, ?)",
                       (info.path, info.size, info.mtime_ns, file_id))
+        self.committed([], None, removed)
 
     def record_failed(self, info: FileInfo, error: str) -> None:
         self._record(info, "failed", error, 0.0, None, None, None, ())
@@ -365,8 +401,9 @@ class Store:
 
     def _record(self, info, status, error, audio_seconds, starts, ends, embeddings, detections) -> None:
         meta = self.meta()
+        ids: list[int] = []
         with self._transaction() as c:
-            self._forget_path(c, info.path)
+            removed = self._forget_path(c, info.path)
             cur = c.execute(
                 "INSERT INTO files (path, size, mtime, mtime_ns, sha256, status, error, model_id, bundle_hash, "
                 "processed_at, audio_seconds, variant) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -378,19 +415,40 @@ class Store:
             file_id = cur.lastrowid
             if embeddings is not None:
                 emb = np.ascontiguousarray(embeddings, dtype="<f4")
-                ids = []
                 for s, e, row in zip(np.asarray(starts).tolist(), np.asarray(ends).tolist(), emb):
                     ids.append(c.execute(
                         'INSERT INTO windows (file_id, start, "end", embedding, dim) VALUES (?, ?, ?, ?, ?)',
                         (file_id, s, e, row.tobytes(), emb.shape[1])).lastrowid)
                 c.executemany("INSERT INTO detections (window_id, label, rank, score) VALUES (?, ?, ?, ?)",
                               [(ids[i], label, rank, score) for i, label, rank, score in detections])
+        self.committed(ids, embeddings if ids else None, removed)
 
     @staticmethod
-    def _forget_path(c: sqlite3.Connection, path: str) -> None:
-        # Replacing a file: its old rows go (windows and detections by cascade) in the same transaction.
+    def _forget_path(c: sqlite3.Connection, path: str) -> list[int]:
+        """Replacing a file: its old rows go (windows and detections by cascade) in the same transaction.
+        Returns the ids of the windows that went; when there are any the windows' epoch moves on, so that an
+        index saved before (which may still hold them, and SQLite may give their ids to new rows) is stale."""
+        gone = [int(i) for (i,) in c.execute(
+            "SELECT w.id FROM windows w JOIN files f ON f.id = w.file_id WHERE f.path = ?", (path,))]
+        if gone:
+            c.execute("INSERT INTO meta (key, value) VALUES ('windows_epoch', '1') "
+                      "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1")
         c.execute("DELETE FROM files WHERE path = ?", (path,))
         c.execute("DELETE FROM aliases WHERE path = ?", (path,))
+        return gone
+
+    # -- the index of the stored windows -----------------------------------------------------------
+
+    def committed(self, ids: Sequence[int], embeddings: np.ndarray | None, removed: Sequence[int] = ()) -> None:
+        """Rows that a transaction has just committed (and those it removed): the index follows, never ahead."""
+        if self.index is None:
+            return
+        try:
+            self.index.committed(ids, embeddings, removed)
+        except Exception as exc:  # the rows are safe; the index is a convenience that search can rebuild
+            log.warning("%s: the index stopped following the stored windows (%s); `edgeenc search` and "
+                        "`edgeenc index` rebuild it from the rows", self.path, exc)
+            self.index = None
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -467,22 +525,6 @@ class Store:
                    np.array([r[2] for r in rows], np.float64), emb.astype(np.float32),
                    [r[5] for r in rows], np.array([np.nan if r[6] is None else r[6] for r in rows], np.float64),
                    [r[7] for r in rows])
-
-    def nearest(self, queries: np.ndarray, top: int = 10) -> list[tuple[str, float, float, float]]:
-        """(file, start, end, cosine) of the stored windows closest to any of the query embeddings."""
-        q = np.asarray(queries, dtype=np.float64)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        best: list[tuple[float, str, float, float]] = []
-        for files, starts, ends, emb, *_ in self.iter_windows():
-            if emb.shape[1] != q.shape[1]:
-                raise StoreError(f"{self.path}: stored embeddings have {emb.shape[1]} dims, the query {q.shape[1]}")
-            e = emb.astype(np.float64)
-            e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-            cos = (e @ q.T).max(axis=1)
-            for i in np.argsort(-cos, kind="stable")[:top]:
-                best.append((float(cos[i]), files[i], float(starts[i]), float(ends[i])))
-            best = sorted(best, key=lambda t: -t[0])[:top]
-        return [(f, s, e, c) for c, f, s, e in best]
 
 
 def _connect(path: str) -> sqlite3.Connection:
