@@ -199,3 +199,56 @@ def test_recordings_given_as_urls_give_the_rows_of_their_local_files(tiny_eat_bu
     assert rerun.exit_code == ExitStatus.SOME_FILES_FAILED, rerun.output
     assert f"resuming: {FILES} file(s) already done" in rerun.stderr
     assert f"0 file(s) done, 1 failed, {FILES} already done" in rerun.stderr
+
+
+def test_an_archive_written_by_ray_is_indexed_and_searchable(tiny_eat_bundle, tiny_beats_bundle, archive,
+                                                             ray_address, tmp_path):
+    pytest.importorskip("usearch")
+    import shutil
+
+    bundle = tiny_eat_bundle[0]
+    files = [archive / "long.wav", *sorted(archive.glob("short_0*.wav"))[:5]]
+    out = tmp_path / "out"
+    ray_args = ("--top-k", 2, "--engine", "ray", "--address", ray_address, "--range-seconds", RANGE_SECONDS,
+                "--device", "cpu")
+    first = cli("classify", bundle, *files[:3], "-o", out, *ray_args)
+    assert first.exit_code == 0, first.output
+    windows = pq.read_table(out / "shards").num_rows
+    assert f"indexed {windows} new window(s) for `edgeenc search`: {windows} in {out}/index" in first.stderr
+
+    def search(*args):
+        result = cli("search", out, *args, "--top", 4, "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        return [line.split() for line in result.stdout.splitlines()[2:]], result.stderr
+
+    by_audio, _ = search(files[1], "--bundle", bundle)
+    exact, _ = search(files[1], "--bundle", bundle, "--exact")
+    assert by_audio[0][1] == str(files[1]) and abs(float(by_audio[0][4]) - 1.0) < 1e-3  # itself, float16 cosine
+    assert [row[1:4] for row in by_audio] == [row[1:4] for row in exact]
+    np.testing.assert_allclose([float(r[4]) for r in by_audio], [float(r[4]) for r in exact], atol=1e-3)
+    assert all(len(row) == 6 for row in by_audio)  # the stored top labels of classify
+    like, _ = search("--like", f"{files[0]}@20")
+    assert like[0][1:4] == [str(files[0]), "20.000", "30.000"]
+
+    saved = tmp_path / "index-after-first-run"
+    shutil.copytree(out / "index", saved)
+    second = cli("classify", bundle, *files[3:], "-o", out, *ray_args)  # a new shard, added to the index
+    assert second.exit_code == 0, second.output
+    total = pq.read_table(out / "shards").num_rows
+    assert f"indexed {total - windows} new window(s) for `edgeenc search`: {total} in" in second.stderr
+    shutil.rmtree(out / "index")
+    shutil.copytree(saved, out / "index")  # as if the index had not been updated: the new shard is searched exactly
+    behind, notes = search(files[4], "--bundle", bundle)
+    assert "1 shard(s) written after the index are searched exactly" in notes
+    assert behind[0][1] == str(files[4]) and abs(float(behind[0][4]) - 1.0) < 1e-6  # a float32 row: exact
+    indexed = cli("index", out)
+    assert indexed.exit_code == 0 and f"{total} window(s) indexed, {total - windows} added" in indexed.stderr
+    _, notes = search(files[4], "--bundle", bundle)
+    assert "written after the index" not in notes
+
+    hits = tmp_path / "hits.parquet"
+    assert cli("search", out, "--like", f"{files[2]}@0", "-o", hits).exit_code == 0
+    table = pq.read_table(hits).to_pylist()
+    assert table[0]["file"] == str(files[2]) and table[0]["label"] == "" and len(table[0]["stored_labels"]) == 2
+    other = cli("search", out, files[1], "--bundle", tiny_beats_bundle[0], "--device", "cpu")
+    assert other.exit_code == ExitStatus.USAGE and "cannot be compared" in other.stderr
