@@ -16,6 +16,7 @@ from edgeenc.cli_common import (
     failing_on,
     grouped_options,
     note,
+    require,
 )
 from edgeenc.runtime.windows import WindowOptions
 
@@ -85,7 +86,7 @@ def search(
     from edgeenc.cli_recorder import say_what_it_holds
     from edgeenc.runtime.archive import ArchiveError, archive_window, is_archive, search_archive
     from edgeenc.runtime.bundle import bundle_identity
-    from edgeenc.runtime.neighbours import INDEX_EXTRA, IndexUnavailable, have_index_library
+    from edgeenc.runtime.neighbours import INDEX_EXTRA, IndexProblem, IndexUnavailable, have_index_library
     from edgeenc.runtime.recorder import Store, StoreError, search_store, stored_window
     from edgeenc.runtime.writers import TABLE_SUFFIXES, WriterError, check_output, write_hits
 
@@ -113,7 +114,8 @@ def search(
     progress = WindowsProgress("rebuilding the index")
     try:
         if archive:
-            with failing_on(ArchiveError, IndexUnavailable, ImportError):
+            require("search", "pyarrow", extra="parquet")
+            with failing_on(ArchiveError, IndexProblem, IndexUnavailable, OSError):
                 if like is not None:
                     queries, bundle_hash = archive_window(results, *_parse_like(like)), None
                 else:
@@ -139,7 +141,7 @@ def search(
                              f"{meta.get('bundle_hash', '')[:12]}), not {model_id} ({bundle_hash[:12]}): embeddings "
                              "of different bundles cannot be compared")
                     queries = _query_embeddings(audio, start, end, encoder, windows)
-                with failing_on(StoreError, IndexUnavailable):
+                with failing_on(StoreError, IndexProblem, IndexUnavailable, OSError):
                     hits = search_store(store, queries, top, exact=exact, on_note=note, on_progress=progress)
             metadata = {"searched": str(results), "model_id": meta.get("model_id", ""),
                         "bundle_hash": meta.get("bundle_hash", "")}
@@ -167,7 +169,7 @@ def index(
     import time
 
     from edgeenc.runtime.archive import ArchiveError, archive_index_folder, index_archive
-    from edgeenc.runtime.neighbours import IndexUnavailable
+    from edgeenc.runtime.neighbours import IndexProblem, IndexUnavailable
     from edgeenc.runtime.recorder import (
         Store,
         StoreError,
@@ -181,13 +183,14 @@ def index(
     progress = WindowsProgress("indexing", shown_from=0)
     try:
         if results.is_dir():
-            with failing_on(ArchiveError, IndexUnavailable, ImportError):
+            require("index", "pyarrow", extra="parquet")
+            with failing_on(ArchiveError, IndexProblem, IndexUnavailable, OSError):
                 added, count = index_archive(results, rebuild=rebuild, on_note=note, on_progress=progress)
             where = archive_index_folder(results)
         else:
             with failing_on(StoreError):
                 store = Store.open_reader(results)
-            with store, failing_on(StoreError, IndexUnavailable):
+            with store, failing_on(StoreError, IndexProblem, IndexUnavailable, OSError):
                 try:
                     store.take_lock()
                 except StoreLocked as exc:

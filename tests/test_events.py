@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from clirun import cli
-from stall import STALLING_CLI, stall_env
+from stall import STALLING_CLI, kill_when_stalled
 
 from edgeenc.cli_common import ExitStatus
 from edgeenc.runtime.bundle import MANIFEST, add_files_to_manifest
@@ -169,17 +166,7 @@ def test_watch_killed_mid_file_then_restarted_gives_the_events_of_an_uninterrupt
                            timeout=120)
     assert clean.returncode == 0, clean.stderr.decode()
     db, marker = tmp_path / "killed.sqlite", tmp_path / "stalled"
-    proc = subprocess.Popen([*STALLING_CLI, *args, "--db", str(db)], stderr=subprocess.PIPE, env=stall_env(3, marker))
-    try:
-        deadline = time.time() + 60
-        while not marker.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.02)
-        assert marker.exists(), proc.stderr.read().decode()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    kill_when_stalled([*STALLING_CLI, *args, "--db", str(db)], 3, marker)
     restarted = subprocess.run([*CLI, *args, "--db", str(db), "--once"], capture_output=True, timeout=120)
     assert restarted.returncode == 0, restarted.stderr.decode()
     for name in ("clean", "killed"):

@@ -7,17 +7,16 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from clirun import cli
+from stall import STALLING_INDEX_SAVE_CLI, kill_when_stalled
 
 pytest.importorskip("usearch")
 
@@ -176,49 +175,13 @@ def wav(path: Path, seconds: float, seed: int) -> Path:
     return path
 
 
-# `edgeenc ARGS` with the writer's index saved after every file and the N-th save stopped after its vectors file is
-# written and before current.json names it: MARKER is written and the process sleeps, to be killed there.
-_STALL_SAVE = """
-import os, pathlib, sys, time
-from edgeenc.runtime import neighbours
-from edgeenc.runtime.recorder.store_index import StoreIndex
-StoreIndex.save_every = 1
-nth, _, marker = os.environ["STALL_INDEX_SAVE"].partition(":")
-saves = [0]
-write = neighbours.write_json_atomic
-
-def stalling(path, data):
-    saves[0] += 1
-    if saves[0] == int(nth):
-        pathlib.Path(marker).write_text(str(data["count"]))
-        time.sleep(3600)
-    write(path, data)
-
-neighbours.write_json_atomic = stalling
-from edgeenc.cli import main
-main()
-"""
-
-
 def test_kill9_while_watch_saves_the_index_leaves_it_consistent_with_the_committed_rows(tiny_eat_bundle, tmp_path):
     inbox, db, marker = tmp_path / "inbox", tmp_path / "r.sqlite", tmp_path / "stalled"
     for i in range(6):
         wav(inbox / f"rec{i}.wav", 5.0 + i, seed=i)
     args = ("watch", str(inbox), "--bundle", str(tiny_eat_bundle[0]), "--db", str(db), "--once", "--settle", "0",
             "--poll", "0.05", "--device", "cpu", "--window", "2", "--hop", "1")
-    proc = subprocess.Popen([sys.executable, "-c", _STALL_SAVE, *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, env={**os.environ, "STALL_INDEX_SAVE": f"4:{marker}"})
-    try:
-        deadline = time.time() + 120
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert marker.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no stall"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    kill_when_stalled([*STALLING_INDEX_SAVE_CLI, *args], 4, marker, timeout=120)
     conn = sqlite3.connect(db)
     committed = conn.execute("SELECT count(*) FROM windows").fetchone()[0]
     conn.close()
@@ -328,13 +291,14 @@ def test_without_usearch_search_is_exact_and_says_how_to_get_the_index(tmp_path)
     (blocked / "usearch").mkdir(parents=True)
     (blocked / "usearch" / "__init__.py").write_text("raise ImportError('usearch is blocked for this test')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocked), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", "from edgeenc.cli import main; main()", "search", str(db), "--like", "/data/rec001.wav@5"],
+    edgeenc = [sys.executable, "-c", "from edgeenc.cli import main; main()"]
+    run = subprocess.run([*edgeenc, "search", str(db), "--like", "/data/rec001.wav@5"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert "searching exactly" in run.stderr and "pip install 'edgeenc[search]'" in run.stderr
     assert run.stdout.splitlines()[2].split()[1:5] == ["/data/rec001.wav", "5.000", "10.000", "1.000000"]
     assert not Path(str(db) + ".index").exists()
-    index = subprocess.run([sys.executable, "-c", "from edgeenc.cli import main; main()", "index", str(db)], capture_output=True, text=True,
+    index = subprocess.run([*edgeenc, "index", str(db)], capture_output=True, text=True,
                            env=env, timeout=120)
     assert index.returncode == ExitStatus.USAGE and "pip install 'edgeenc[search]'" in index.stderr
 

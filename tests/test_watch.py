@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from stall import STALLING_CLI, stall_env
+from stall import STALLING_CLI, kill_when_stalled
 
 from edgeenc.runtime import ScoreOptions
 from edgeenc.runtime.encoder import Encoder
@@ -84,19 +83,7 @@ def test_kill9_inside_a_file_transaction_loses_and_duplicates_nothing(bundle, tm
     db, marker = tmp_path / "results.sqlite", tmp_path / "stalled"
     args = ("watch", str(inbox), "--bundle", str(bundle), "--db", str(db), "--once", "--settle", "0",
             "--poll", "0.05", "--device", "cpu")
-    proc = subprocess.Popen([*STALLING_CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env=stall_env(3, marker))
-    try:
-        deadline = time.time() + 60
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        assert marker.exists(), proc.stderr.read().decode() if proc.poll() is not None else "no stall"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    kill_when_stalled([*STALLING_CLI, *args], 3, marker)
     killed = marker.read_text()
     # Before the restart: the killed file has no rows at all, the two committed before it are whole.
     assert rows(db, "PRAGMA integrity_check") == [("ok",)]

@@ -9,13 +9,14 @@ index was last saved are scored exactly beside them. A missing, stale or corrupt
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from ..neighbours import Hit, IndexProblem, Nearest, VectorIndex, have_index_library
 from .store import Store, StoreError, StoreLocked
-from .store_index import index_folder, load_store_index, rebuild_store_index, tail_floor
+from .store_index import index_fits, index_folder, load_store_index, rebuild_store_index, tail_floor
 
 __all__ = ["search_store", "stored_window"]
 
@@ -62,7 +63,33 @@ def _windows_by_id(store: Store, ids: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return np.array(found_ids, np.int64), np.frombuffer(b"".join(rows), dtype="<f4").reshape(len(rows), -1)
 
 
+# Indexes opened by this process, per open results file: reopening means hashing the whole vectors file, so a
+# warm process (the page, a notebook) reuses it while current.json is the same file and re-checks what it covers
+# whenever the database has changed (PRAGMA data_version moves when another connection commits).
+_OPENED: weakref.WeakKeyDictionary[Store, tuple[tuple, int, VectorIndex]] = weakref.WeakKeyDictionary()
+
+
+def _current_signature(store: Store) -> tuple:
+    try:
+        st = os.stat(os.path.join(index_folder(store), "current.json"))
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _reader_index(store: Store, on_note: Note | None, on_progress) -> VectorIndex:
+    signature = _current_signature(store)
+    version = store.conn.execute("PRAGMA data_version").fetchone()[0]
+    cached = _OPENED.get(store)
+    if cached and signature and cached[0] == signature and (cached[1] == version or index_fits(store, cached[2])):
+        _OPENED[store] = (signature, version, cached[2])
+        return cached[2]
+    index = _open_or_rebuild(store, on_note, on_progress)
+    _OPENED[store] = (_current_signature(store), version, index)
+    return index
+
+
+def _open_or_rebuild(store: Store, on_note: Note | None, on_progress) -> VectorIndex:
     try:
         return load_store_index(store)
     except IndexProblem as problem:

@@ -27,7 +27,8 @@ from ..neighbours import IndexProblem, IndexSettings, VectorIndex
 if TYPE_CHECKING:
     from .store import Store
 
-__all__ = ["StoreIndex", "index_folder", "keep_index", "load_store_index", "rebuild_store_index", "tail_floor"]
+__all__ = ["StoreIndex", "index_fits", "index_folder", "keep_index", "load_store_index", "rebuild_store_index",
+           "tail_floor"]
 
 Note = Callable[[str], None]
 Progress = Callable[[int, int], None]
@@ -68,6 +69,11 @@ def _check(store: Store) -> Callable[[dict], str | None]:
 
 def _source(store: Store, max_id: int, rows: int) -> dict:
     return {**_expected(store), "max_id": int(max_id), "rows": int(rows)}
+
+
+def index_fits(store: Store, index: VectorIndex) -> bool:
+    """Whether an opened index still covers what it says of `store` (the database may have changed since)."""
+    return _check(store)(index.source) is None
 
 
 def load_store_index(store: Store, view: bool = True) -> VectorIndex:
