@@ -177,12 +177,13 @@ def search_archive(folder: str | os.PathLike, queries: np.ndarray, top: int = 10
                         "builds it)")
     placed: list[tuple[int, Shard]] = []  # (first key, shard), in key order
     by_name = {s.name: s for s in shards}
-    if index is not None:
+    if index is not None and index.pays():
         placed = sorted((int(e["first_key"]), by_name[e["name"]]) for e in _covered(index))
-        if len(index):
-            keys, _ = index.candidates(nearest.queries, max(2 * top, top + 16))
-            keys = np.unique(keys)
-            nearest.feed(keys, index.vectors(keys))
+        keys, _ = index.candidates(nearest.queries, max(2 * top, top + 16))
+        keys = np.unique(keys)
+        nearest.feed(keys, index.vectors(keys))
+    elif index is not None:
+        index = None  # a small archive is scored exactly
     key = int(index.source["next_key"]) if index is not None else 0
     unindexed = [s for s in shards if s not in {shard for _, shard in placed}]
     if index is not None and unindexed and on_note:

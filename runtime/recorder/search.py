@@ -123,7 +123,9 @@ def search_store(store: Store, queries: np.ndarray, top: int = 10, *, exact: boo
     index = None
     if not exact and have_index_library():
         index = _reader_index(store, on_note, on_progress)
-    if index is not None and len(index):
+    if index is not None and not index.pays():
+        index = None  # kept up to date, but a small file is scored exactly
+    if index is not None:
         keys, _ = index.candidates(nearest.queries, max(2 * top, top + 16))
         nearest.feed(*_windows_by_id(store, np.unique(keys)))
     for ids, embeddings in _windows_after(store, tail_floor(index)):
