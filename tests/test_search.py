@@ -332,3 +332,28 @@ def test_usearch_and_onnxruntime_load_in_either_order():
     for first, second in (("usearch.index", "onnxruntime"), ("onnxruntime", "usearch.index")):
         run = subprocess.run([sys.executable, "-c", f"import {first}, {second}"], capture_output=True, timeout=120)
         assert run.returncode == 0, (first, second, run.returncode)
+
+
+def test_a_parquet_hits_table_with_labels_filled_in_is_labelled_data(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from edgeenc.runtime.neighbours import Hit
+    from edgeenc.runtime.probes import LabelledDataError, load_labelled
+    from edgeenc.runtime.writers import write_hits
+
+    out = tmp_path / "hits.parquet"
+    write_hits(out, [Hit("/data/a.wav", 0.0, 5.0, 0.99, ("owl",)), Hit("/data/b.wav", 5.0, 10.0, 0.9),
+                     Hit("/data/c.wav", 0.0, 5.0, 0.8)], metadata={"query": "x"})
+    table = pq.read_table(out)
+    assert table.column_names == ["rank", "file", "start", "end", "cosine", "stored_labels", "label"]
+    assert table.schema.metadata[b"query"] == b"x" and table.column("stored_labels").to_pylist()[0] == ["owl"]
+    with pytest.raises(LabelledDataError, match="no row has a label yet"):
+        load_labelled(out)
+    labelled = table.set_column(6, "label", pa.array(["owl", "no", ""]))
+    pq.write_table(labelled, out)
+    recordings = {r.path: r for r in load_labelled(out)}
+    assert sorted(recordings) == ["/data/a.wav", "/data/b.wav"]  # c left empty: not used
+    assert [(s.start, s.end, s.label) for s in recordings["/data/a.wav"].spans] == [(0.0, 5.0, "owl")]
+    assert [(s.start, s.end, s.label) for s in recordings["/data/b.wav"].spans] == [(5.0, 10.0, None)]
+    a = recordings["/data/a.wav"]
+    assert not a.complete and a.used(0.0, 5.0) and a.used(2.0, 7.0) and not a.used(3.0, 8.0)
