@@ -357,3 +357,26 @@ def test_a_parquet_hits_table_with_labels_filled_in_is_labelled_data(tmp_path):
     assert [(s.start, s.end, s.label) for s in recordings["/data/b.wav"].spans] == [(5.0, 10.0, None)]
     a = recordings["/data/a.wav"]
     assert not a.complete and a.used(0.0, 5.0) and a.used(2.0, 7.0) and not a.used(3.0, 8.0)
+
+
+def test_listen_store_batches_follow_the_index_and_watch_no_index_keeps_none(tiny_eat_bundle, tmp_path):
+    from edgeenc.runtime.recorder import LiveStore
+
+    db = tmp_path / "live.sqlite"
+    with LiveStore.open(db, model_id="m", bundle_hash="b" * 64, embedding_dim=DIM) as store:
+        keep_index(store)
+        stream = store.open_stream("-", 16000)
+        for batch in range(3):
+            starts = np.arange(4, dtype=float) + 4 * batch
+            store.record_batch(stream, starts, starts + 1, starts + 1e9, clustered(4, batch),
+                               audio_seconds=4.0 * (batch + 1), dropped_seconds=0.0)
+    with Store.open_reader(db) as reader:
+        index = load_store_index(reader)
+        assert len(index) == 12 and index.source["max_id"] == 12
+    inbox = tmp_path / "inbox"
+    wav(inbox / "a.wav", 3.0, seed=1)
+    plain = tmp_path / "plain.sqlite"
+    result = cli("watch", inbox, "--bundle", tiny_eat_bundle[0], "--db", plain, "--once", "--settle", 0,
+                 "--device", "cpu", "--no-index")
+    assert result.exit_code == 0, result.output
+    assert not Path(str(plain) + ".index").exists()
