@@ -185,7 +185,8 @@ def search_archive(folder: str | os.PathLike, queries: np.ndarray, top: int = 10
     elif index is not None:
         index = None  # a small archive is scored exactly
     key = int(index.source["next_key"]) if index is not None else 0
-    unindexed = [s for s in shards if s not in {shard for _, shard in placed}]
+    indexed = {shard for _, shard in placed}
+    unindexed = [s for s in shards if s not in indexed]
     if index is not None and unindexed and on_note:
         on_note(f"{len(unindexed)} shard(s) written after the index are searched exactly (`edgeenc index {folder}` "
                 "adds them)")

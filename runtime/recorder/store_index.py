@@ -41,8 +41,8 @@ def index_folder(store: Store) -> str:
 
 def _expected(store: Store) -> dict[str, str]:
     meta = store.meta()
-    return {"store_id": meta.get("store_id", ""), "bundle": meta.get("bundle_hash", ""),
-            "epoch": meta.get("windows_epoch", "0")}
+    return {"store_id": str(meta.get("store_id", "")), "bundle": str(meta.get("bundle_hash", "")),
+            "epoch": str(meta.get("windows_epoch", "0"))}
 
 
 def _check(store: Store) -> Callable[[dict], str | None]:
@@ -119,9 +119,8 @@ class StoreIndex:
 
     save_every = 20000
 
-    def __init__(self, store: Store, index: VectorIndex, rows: int, max_id: int) -> None:
-        self.store, self.index = store, index
-        self.rows, self.max_id = rows, max_id
+    def __init__(self, store: Store, index: VectorIndex, max_id: int) -> None:
+        self.store, self.index, self.max_id = store, index, max_id  # it holds every window up to max_id
         self.unsaved = 0
         self.loaded = len(index)  # windows it held when opened (0 when it was rebuilt)
 
@@ -131,37 +130,34 @@ class StoreIndex:
         folder = index_folder(store)
         try:
             index = load_store_index(store, view=False)
-            rows, max_id = int(index.source["rows"]), int(index.source["max_id"])
         except IndexProblem as problem:
             if on_note and (problem.reason != "missing" or store.counts()["windows"]):
                 on_note(f"index {folder} is {problem.reason}: rebuilding it from the stored windows")
             index = rebuild_store_index(store, on_progress)
-            keeper = cls(store, index, int(index.source["rows"]), int(index.source["max_id"]))
+            keeper = cls(store, index, int(index.source["max_id"]))
             keeper.loaded = 0
             keeper.save()
             return keeper
-        keeper = cls(store, index, rows, max_id)
-        highest, added = _add_rows(store, index, max_id, on_progress)  # committed after its last save
+        keeper = cls(store, index, int(index.source["max_id"]))
+        highest, added = _add_rows(store, index, keeper.max_id, on_progress)  # committed after its last save
         if added:
-            keeper.max_id, keeper.rows, keeper.unsaved = highest, rows + added, added
+            keeper.max_id, keeper.unsaved = highest, added
             keeper.save()
         return keeper
 
     def committed(self, ids: Sequence[int], embeddings: np.ndarray | None, removed: Sequence[int] = ()) -> None:
         if removed:
             self.index.remove(removed)
-            self.rows -= sum(1 for i in removed if i <= self.max_id)
             self.unsaved += len(removed)
         if len(ids) and embeddings is not None:
             self.index.add(np.asarray(ids, np.int64), embeddings)
             self.max_id = max(self.max_id, int(max(ids)))
-            self.rows += len(ids)
             self.unsaved += len(ids)
         if self.unsaved >= max(self.save_every, len(self.index) // 10):
             self.save()
 
     def save(self) -> None:
-        self.index.source = _source(self.store, self.max_id, self.rows)
+        self.index.source = _source(self.store, self.max_id, len(self.index))
         self.index.save(index_folder(self.store))
         self.unsaved = 0
 
