@@ -23,6 +23,13 @@ from edgeenc.runtime.windows import WindowOptions
 RESULTS_HELP = "a results file (`edgeenc watch`/`listen`) or an archive folder (`embed|classify --engine ray -o DIR`)"
 
 
+def _refuse_tables(results: Path) -> None:
+    """An `embed -o` table is not something search or index can take: say what is."""
+    if results.suffix.lower() in (".parquet", ".csv", ".npz") and results.is_file():
+        fail(f"{results}: a table of embeddings; search and index take a results file of `edgeenc watch`/`listen` "
+             "or an archive folder of `edgeenc embed|classify --engine ray -o DIR`")
+
+
 def _parse_like(like: str) -> tuple[str, float]:
     file, sep, seconds = like.rpartition("@")
     try:
@@ -107,6 +114,7 @@ def search(
     if not exact and not have_index_library():
         note(f"searching exactly (every stored window): {INDEX_EXTRA} for the index, which is much faster on "
              "large files")
+    _refuse_tables(results)
     archive = results.is_dir() and is_archive(results)
     if results.is_dir() and not archive:
         fail(f"{results}: a folder without shards/; give a results file or an archive folder of --engine ray")
@@ -179,6 +187,7 @@ def index(
         rebuild_store_index,
     )
 
+    _refuse_tables(results)
     started = time.perf_counter()
     progress = WindowsProgress("indexing", shown_from=0)
     try:

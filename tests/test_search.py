@@ -280,6 +280,11 @@ def test_search_refuses_unclear_queries(tmp_path):
     folder.mkdir()
     result = cli("search", folder, "--like", "x@0")
     assert result.exit_code == ExitStatus.USAGE and "without shards/" in result.stderr
+    table = tmp_path / "embeddings.parquet"
+    table.write_bytes(b"PAR1")
+    for command in (("search", table, "--like", "x@0"), ("index", table)):
+        result = cli(*command)
+        assert result.exit_code == ExitStatus.USAGE and "a table of embeddings" in result.stderr
 
 
 def test_index_command_builds_the_index_of_an_older_results_file_and_refuses_a_running_watcher(tmp_path):
