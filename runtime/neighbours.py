@@ -148,15 +148,15 @@ class VectorIndex:
     # of the top 10), and exact is what a small file deserves.
     exact_below = 20000
 
-    def pays(self) -> bool:
-        """Whether searching through the index beats scoring every row."""
-        return len(self.index) >= self.exact_below
-
     def __init__(self, index, dim: int, settings: IndexSettings, source: dict | None = None) -> None:
         self.index = index
         self.dim = dim
         self.settings = settings
         self.source: dict = dict(source or {})
+
+    def pays(self) -> bool:
+        """Whether searching through the index beats scoring every row."""
+        return len(self.index) >= self.exact_below
 
     @classmethod
     def new(cls, dim: int, settings: IndexSettings | None = None) -> VectorIndex:

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgeenc.progress import Counted, Progress
+
 from ..neighbours import Hit, IndexProblem, IndexSettings, Nearest, VectorIndex, have_index_library
 from .plan import ArchiveError
 
 __all__ = ["Shard", "archive_index_folder", "archive_window", "index_archive", "is_archive", "search_archive",
            "shard_list"]
 
-Note = Callable[[str], None]
-Progress = Callable[[int, int], None]
 _BATCH = 65536
 
 
@@ -112,12 +112,8 @@ def _check(shards: list[Shard], bundle: str) -> Callable[[dict], str | None]:
     return check
 
 
-def _load(folder, shards: list[Shard], bundle: str) -> VectorIndex:
-    return VectorIndex.load(archive_index_folder(folder), _check(shards, bundle))
-
-
-def index_archive(folder: str | os.PathLike, *, rebuild: bool = False, on_note: Note | None = None,
-                  on_progress: Progress | None = None, settings: IndexSettings | None = None) -> tuple[int, int]:
+def index_archive(folder: str | os.PathLike, *, rebuild: bool = False, on_note: Progress | None = None,
+                  on_progress: Counted | None = None, settings: IndexSettings | None = None) -> tuple[int, int]:
     """Build or extend the archive's index with the shards it lacks, and save it. Returns (rows added, rows in
     the index). Raises IndexUnavailable without usearch, ArchiveError for an archive that cannot be read."""
     shards = shard_list(folder)
@@ -158,7 +154,7 @@ def index_archive(folder: str | os.PathLike, *, rebuild: bool = False, on_note: 
 
 
 def search_archive(folder: str | os.PathLike, queries: np.ndarray, top: int = 10, *, exact: bool = False,
-                   bundle: str | None = None, on_note: Note | None = None) -> list[Hit]:
+                   bundle: str | None = None, on_note: Progress | None = None) -> list[Hit]:
     """The `top` windows of the archive with the highest cosine to any query window, best first. `bundle` (the
     query's bundle hash) must be the shards' own."""
     shards = shard_list(folder)
@@ -170,7 +166,7 @@ def search_archive(folder: str | os.PathLike, queries: np.ndarray, top: int = 10
     index = None
     if not exact and have_index_library():
         try:
-            index = _load(folder, shards, made_by)
+            index = VectorIndex.load(archive_index_folder(folder), _check(shards, made_by))
         except IndexProblem as problem:
             if on_note:
                 on_note(f"index {problem.folder} is {problem.reason}: searching exactly (`edgeenc index {folder}` "

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from edgeenc.progress import Counted, Progress
+
 from ..neighbours import Hit, IndexProblem, Nearest, VectorIndex, have_index_library
 from .store import Store, StoreError, StoreLocked
-from .store_index import index_fits, index_folder, load_store_index, rebuild_store_index, tail_floor
+from .store_index import index_fits, index_folder, load_store_index, rebuild_store_index, tail_floor, windows_after
 
 __all__ = ["search_store", "stored_window"]
 
-Note = Callable[[str], None]
-_BATCH = 8192
 
 
 def stored_window(store: Store, file: str, start: float) -> np.ndarray:
@@ -41,13 +40,6 @@ def stored_window(store: Store, file: str, start: float) -> np.ndarray:
     if abs(found - start) > (end - found) / 2:
         raise StoreError(f"{store.path}: no window of {file} starts near {start:g} s (nearest: {found:g} s)")
     return np.frombuffer(embedding, dtype="<f4").reshape(1, -1).astype(np.float32)
-
-
-def _windows_after(store: Store, floor: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    cur = store.conn.execute("SELECT id, embedding FROM windows WHERE id > ? ORDER BY id", (floor,))
-    while rows := cur.fetchmany(_BATCH):
-        yield (np.array([r[0] for r in rows], np.int64),
-               np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1))
 
 
 def _windows_by_id(store: Store, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +69,7 @@ def _current_signature(store: Store) -> tuple:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _reader_index(store: Store, on_note: Note | None, on_progress) -> VectorIndex:
+def _reader_index(store: Store, on_note: Progress | None, on_progress) -> VectorIndex:
     signature = _current_signature(store)
     version = store.conn.execute("PRAGMA data_version").fetchone()[0]
     cached = _OPENED.get(store)
@@ -89,7 +81,7 @@ def _reader_index(store: Store, on_note: Note | None, on_progress) -> VectorInde
     return index
 
 
-def _open_or_rebuild(store: Store, on_note: Note | None, on_progress) -> VectorIndex:
+def _open_or_rebuild(store: Store, on_note: Progress | None, on_progress) -> VectorIndex:
     try:
         return load_store_index(store)
     except IndexProblem as problem:
@@ -98,7 +90,7 @@ def _open_or_rebuild(store: Store, on_note: Note | None, on_progress) -> VectorI
             on_note(f"index {folder} is {problem.reason}: rebuilding it from the stored windows")
         index = rebuild_store_index(store, on_progress)
     try:
-        store.take_lock()
+        taken = store.take_lock()
     except StoreLocked:  # a watcher writes the file: it keeps (and saves) its own index
         if on_note:
             on_note(f"index rebuilt for this search only: a watcher holds {store.path} and saves its own")
@@ -109,12 +101,13 @@ def _open_or_rebuild(store: Store, on_note: Note | None, on_progress) -> VectorI
         if on_note:
             on_note(f"index rebuilt for this search only: {folder} cannot be written ({exc})")
     finally:
-        store.release_lock()
+        if taken:
+            store.release_lock()
     return index
 
 
 def search_store(store: Store, queries: np.ndarray, top: int = 10, *, exact: bool = False,
-                 on_note: Note | None = None, on_progress: Callable[[int, int], None] | None = None) -> list[Hit]:
+                 on_note: Progress | None = None, on_progress: Counted | None = None) -> list[Hit]:
     """The `top` stored windows with the highest cosine to any query window, best first."""
     nearest = Nearest(queries, top)
     dim = int(store.meta().get("embedding_dim") or nearest.dim)
@@ -128,7 +121,7 @@ def search_store(store: Store, queries: np.ndarray, top: int = 10, *, exact: boo
     if index is not None:
         keys, _ = index.candidates(nearest.queries, max(2 * top, top + 16))
         nearest.feed(*_windows_by_id(store, np.unique(keys)))
-    for ids, embeddings in _windows_after(store, tail_floor(index)):
+    for ids, embeddings in windows_after(store, tail_floor(index)):
         nearest.feed(ids, embeddings)
     return _hits(store, nearest.best())
 

@@ -247,12 +247,15 @@ class Store:
             raise StoreError(f"{p}: not an edgeenc results database (written by `edgeenc watch`)")
         return store
 
-    def take_lock(self) -> None:
-        """Become the one writer of a file opened with open_reader; raises StoreLocked when another holds it."""
-        if self._lock is None:
-            lock = _Lock(self.path + ".lock")
-            lock.acquire()
-            self._lock = lock
+    def take_lock(self) -> bool:
+        """Become the one writer of a file opened with open_reader; raises StoreLocked when another holds it.
+        False when this store holds the lock already (release_lock is then not this caller's to call)."""
+        if self._lock is not None:
+            return False
+        lock = _Lock(self.path + ".lock")
+        lock.acquire()
+        self._lock = lock
+        return True
 
     def release_lock(self) -> None:
         if self._lock is not None:

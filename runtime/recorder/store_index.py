@@ -17,10 +17,12 @@ it. It is stale when the file's id, bundle or epoch differ, or when the count of
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from edgeenc.progress import Counted, Progress
 
 from ..neighbours import IndexProblem, IndexSettings, VectorIndex
 
@@ -28,10 +30,8 @@ if TYPE_CHECKING:
     from .store import Store
 
 __all__ = ["StoreIndex", "index_fits", "index_folder", "keep_index", "load_store_index", "rebuild_store_index",
-           "tail_floor"]
+           "tail_floor", "windows_after"]
 
-Note = Callable[[str], None]
-Progress = Callable[[int, int], None]
 _BATCH = 8192
 
 
@@ -81,22 +81,27 @@ def load_store_index(store: Store, view: bool = True) -> VectorIndex:
     return VectorIndex.load(index_folder(store), _check(store), view=view)
 
 
-def _add_rows(store: Store, index: VectorIndex, after: int, on_progress: Progress | None) -> tuple[int, int]:
+def windows_after(store: Store, floor: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Batches (ids, embeddings [n, dim]) of the committed windows with an id above `floor`, in id order."""
+    cur = store.conn.execute("SELECT id, embedding FROM windows WHERE id > ? ORDER BY id", (floor,))
+    while rows := cur.fetchmany(_BATCH):
+        yield (np.array([r[0] for r in rows], np.int64),
+               np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1))
+
+
+def _add_rows(store: Store, index: VectorIndex, after: int, on_progress: Counted | None) -> tuple[int, int]:
     """Add every committed window with id > `after`; returns (highest id seen, rows added)."""
     total = store.conn.execute("SELECT count(*) FROM windows WHERE id > ?", (after,)).fetchone()[0]
     highest, added = after, 0
-    cur = store.conn.execute("SELECT id, embedding FROM windows WHERE id > ? ORDER BY id", (after,))
-    while rows := cur.fetchmany(_BATCH):
-        ids = np.array([r[0] for r in rows], np.int64)
-        emb = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
-        index.add(ids, emb)
-        highest, added = int(ids[-1]), added + len(rows)
+    for ids, embeddings in windows_after(store, after):
+        index.add(ids, embeddings)
+        highest, added = int(ids[-1]), added + len(ids)
         if on_progress:
             on_progress(added, total)
     return highest, added
 
 
-def rebuild_store_index(store: Store, on_progress: Progress | None = None,
+def rebuild_store_index(store: Store, on_progress: Counted | None = None,
                         settings: IndexSettings | None = None) -> VectorIndex:
     """A new index of every committed window of `store` (not saved)."""
     dim = int(store.meta().get("embedding_dim") or 0)
@@ -125,7 +130,7 @@ class StoreIndex:
         self.loaded = len(index)  # windows it held when opened (0 when it was rebuilt)
 
     @classmethod
-    def for_writer(cls, store: Store, on_note: Note | None = None, on_progress: Progress | None = None
+    def for_writer(cls, store: Store, on_note: Progress | None = None, on_progress: Counted | None = None
                    ) -> StoreIndex:
         folder = index_folder(store)
         try:
@@ -166,7 +171,7 @@ class StoreIndex:
             self.save()
 
 
-def keep_index(store: Store, on_note: Note | None = None, on_progress: Progress | None = None) -> StoreIndex:
+def keep_index(store: Store, on_note: Progress | None = None, on_progress: Counted | None = None) -> StoreIndex:
     """Make the writer of `store` keep the index beside it (`<db>.index/`) up to date as rows commit: loaded, or
     rebuilt from the rows when missing, stale or corrupt (`on_note` says which), saved as it grows and on close.
     Raises IndexUnavailable without usearch."""
