@@ -64,7 +64,9 @@ WEIGHT_OPS = ("MatMul", "Gemm")
 
 
 def optimize_cases(sample_rate: int, window_seconds: float, *, quick: bool = False) -> list[ParityCase]:
-    """The real recording, shorter and longer crops of it at other gains, a batch of 2 with a noise row."""
+    """The real recording, shorter and longer crops of it at other gains, a batch of 2 with a noise row, and
+    (not `quick`) one native window alone: what `optimize` times, and the shape OpenVINO variants compile
+    statically (openvino_variants.py), so batch 1 and 2 of that path are both gated."""
     real = reference_audio(sample_rate)
     tiled = np.concatenate([real * g for g in (1.0, 0.5, 2.0, 0.25)])
     n = int(round(window_seconds * sample_rate))
@@ -75,6 +77,8 @@ def optimize_cases(sample_rate: int, window_seconds: float, *, quick: bool = Fal
         cases.append(ParityCase(f"{seconds:g}s_batch1", tiled[None, n // 3: n // 3 + m].copy()))
     batch = np.stack([tiled[n // 2: n // 2 + n], rng.standard_normal(n).astype(np.float32) * 0.05])
     cases.append(ParityCase("window_batch2", batch))
+    if not quick:
+        cases.append(ParityCase("window_batch1", tiled[None, n: 2 * n].copy()))
     return cases
 
 
@@ -354,7 +358,7 @@ def optimize_bundle(
         engines, files = openvino_variants(
             bundle, names, cases, references, threads, say, keep_failed=keep_failed,
             int8_windows=calibration_windows(rate, window, calibration_windows_count) if int8 else None,
-            front_end=front_end)
+            front_end=front_end, window_samples=int(round(rate * window)))
         variants.update(engines)
         summary.update(engines)
         written += files

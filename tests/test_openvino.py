@@ -95,6 +95,8 @@ def test_optimize_gates_records_and_uses_the_fastest(optimized):
     if "openvino" in sys.modules or _has_openvino():
         fp32 = manifest["variants"]["openvino:fp32"]
         assert fp32["parity"] and fp32["figures"]["max_abs"] < 1e-3 and fp32["gated_on"]["cpu_model"]
+        window = round(manifest["sample_rate"] * manifest["window_seconds"])
+        assert fp32["compile"] == {"static_window_samples": window}  # gated (window_batch2) as it runs
         bf16 = manifest["variants"]["openvino:bf16"]
         if isa.has_bf16():
             assert bf16["parity"] and 0.99 <= bf16["figures"]["min_token_cosine"] < 1.0
@@ -107,6 +109,8 @@ def test_optimize_gates_records_and_uses_the_fastest(optimized):
             assert int8["fp32_convolutions"] and int8["figures"]["min_token_cosine"] is not None
             listed = {"model.openvino-int8.xml", "model.openvino-int8.bin"} <= set(manifest["files"])
             assert listed is int8["parity"]  # the IR pair stays (hashed) only when it passed
+            rest = int8["compile"]["inference_precision"]  # bf16 first where the CPU has it, fp32 after a failure
+            assert rest == ("bf16" if isa.has_bf16() and not int8.get("failed_attempts") else "fp32")
 
     encoder = Encoder.load(bundle, "cpu", threads=2)  # the recorded winner runs
     expected = "openvino" if ranking[0]["engine"] == "openvino" else "onnxruntime"

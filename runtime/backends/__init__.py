@@ -7,12 +7,14 @@ TensorRT engine-file rules from here.
 
 from .cpu_plan import CPU_ENGINES, CpuPlan, cpu_model, key_problem, plan_cpu, plan_for
 from .isa import (
+    AMX_FLAGS,
     BF16_FLAGS,
     ISA_FLAGS,
     VNNI_FLAGS,
     bf16_variant_problem,
     cpu_flags,
     cpu_summary,
+    has_amx,
     has_bf16,
     int8_variant_problem,
     int8_weight_type,
@@ -39,11 +41,11 @@ from .tensorrt_engines import (
 )
 
 __all__ = [
-    "BF16_FLAGS", "CPU_DISABLED_OPTIMIZERS", "CPU_ENGINES", "DEVICES", "ENGINES_DIR", "ISA_FLAGS",
+    "AMX_FLAGS", "BF16_FLAGS", "CPU_DISABLED_OPTIMIZERS", "CPU_ENGINES", "DEVICES", "ENGINES_DIR", "ISA_FLAGS",
     "OPENVINO_PRECISIONS", "VNNI_FLAGS", "Backend", "BackendUnavailable", "CpuPlan", "Profile", "TensorRTBackend",
     "TensorRTUnavailable", "bf16_variant_problem", "brief_log", "check_threads", "compile_config", "cpu_flags",
-    "cpu_model", "cpu_summary", "device_key", "engine_file_name", "engine_sidecars", "gpu_identity", "has_bf16",
-    "import_onnxruntime", "import_openvino", "int8_variant_problem", "int8_weight_type", "key_problem",
+    "cpu_model", "cpu_summary", "device_key", "engine_file_name", "engine_sidecars", "gpu_identity", "has_amx",
+    "has_bf16", "import_onnxruntime", "import_openvino", "int8_variant_problem", "int8_weight_type", "key_problem",
     "onnx_cpu_backend", "open_cpu_backend", "open_cpu_variant", "openvino_available", "openvino_version",
     "plan_cpu", "plan_for", "read_cpuinfo", "rebuild_command", "refusal_message", "require_tensorrt",
     "select_backend", "select_engine", "sidecar_matches", "signed_int8_saturates", "tensorrt_version",

@@ -29,6 +29,7 @@ class CpuPlan:
     file: str  # the bundle file the engine reads
     precision: str
     notes: list[str] = field(default_factory=list)
+    compile: dict = field(default_factory=dict)  # the entry's engine settings (openvino_backend.py), as gated
 
 
 def check_cpu_engine(cpu_engine: str | None) -> None:
@@ -39,7 +40,8 @@ def check_cpu_engine(cpu_engine: str | None) -> None:
 
 def plan_for(key: str | VariantKey, entry: dict) -> CpuPlan:
     parsed = VariantKey.parse(key)
-    return CpuPlan(parsed.engine, str(parsed), parsed.file(entry), entry.get("precision", "fp32"))
+    return CpuPlan(parsed.engine, str(parsed), parsed.file(entry), entry.get("precision", "fp32"),
+                   compile=dict(entry.get("compile") or {}))
 
 
 def key_problem(bundle: Path, manifest: Manifest, key: str | VariantKey) -> str | None:

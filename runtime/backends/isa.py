@@ -18,6 +18,9 @@ VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 # bf16 dot products in hardware (Zen 4/5, Cooper Lake, Sapphire Rapids and later). Without them OpenVINO
 # quietly runs a bf16 hint in fp32, so a bf16 variant's speed (and its label) would not hold.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# AMX tile matrix units (Sapphire Rapids and later): bf16 and int8 GEMMs several times the AVX-512 rate, which
+# the bench's bf16 / int8 limits must be measured with (bench/gemm_limits.py).
+AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
 # The flags every report of a machine lists (bench, optimize's gated_on / timed_on).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8", "amx_tile")
@@ -83,6 +86,12 @@ def cpu_summary() -> dict:
             "vnni": None if flags is None else any(f in flags for f in VNNI_FLAGS),
             "signed_int8_saturates": signed_int8_saturates(flags),
             "bf16": None if flags is None else has_bf16(flags)}
+
+
+def has_amx(flags: set[str] | None = None) -> bool:
+    """True where the CPU has AMX tiles (amx_tile with amx_bf16 or amx_int8)."""
+    flags = cpu_flags() if flags is None else flags
+    return bool(flags) and "amx_tile" in flags and bool({"amx_bf16", "amx_int8"} & flags)
 
 
 def has_bf16(flags: set[str] | None = None) -> bool:

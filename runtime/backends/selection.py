@@ -82,7 +82,8 @@ def open_cpu_variant(bundle: Path, manifest: Manifest, key: str | VariantKey, ou
     if problem:
         raise BackendUnavailable(problem)
     plan = plan_for(key, variant_entry(manifest, key) or {"precision": "fp32"})
-    return open_cpu_backend(Path(bundle) / plan.file, plan.engine, plan.precision, output_names, threads)
+    return open_cpu_backend(Path(bundle) / plan.file, plan.engine, plan.precision, output_names, threads,
+                            compile=plan.compile)
 
 
 def _planned_cpu_backend(bundle: Path, manifest: Manifest, output_names: list[str], threads: int | None,
@@ -92,15 +93,18 @@ def _planned_cpu_backend(bundle: Path, manifest: Manifest, output_names: list[st
     for line in plan.notes:  # the caller says them (Encoder.backend_log); a warning here would say them twice
         notes.append(line)
         log.info("%s", line)
-    return open_cpu_backend(bundle / plan.file, plan.engine, plan.precision, output_names, threads)
+    return open_cpu_backend(bundle / plan.file, plan.engine, plan.precision, output_names, threads,
+                            compile=plan.compile)
 
 
-def open_cpu_backend(path: Path, engine: str, precision: str, output_names: list[str], threads: int | None) -> Backend:
-    """`engine` ("onnxruntime" or "openvino") running the ONNX (or OpenVINO IR) file `path` at `precision`."""
+def open_cpu_backend(path: Path, engine: str, precision: str, output_names: list[str], threads: int | None,
+                     *, compile: dict | None = None) -> Backend:
+    """`engine` ("onnxruntime" or "openvino") running the ONNX (or OpenVINO IR) file `path` at `precision`, with
+    a variant's OpenVINO compile settings (`compile`, see openvino_backend.py)."""
     if engine == "openvino":
         from .openvino_backend import OpenVinoBackend
 
-        return OpenVinoBackend(path, output_names, precision=precision, threads=threads)
+        return OpenVinoBackend(path, output_names, precision=precision, threads=threads, compile=compile)
     return onnx_cpu_backend(path, output_names, threads)
 
 

@@ -1,5 +1,13 @@
 """The GEMM limit a bench row is measured against: what this machine's best GEMM kernels reach here, now.
 
+Each limit is the best of several candidates, each recorded with the kernel that ran it where the library
+says (OpenVINO's per-node exec type, oneDNN's verbose implementation name): on a CPU with AMX tiles the
+bf16 and int8 limits must come from AMX kernels, or an AMX-using row would run "above its limit". bf16:
+OpenVINO's bf16 MatMul and, where torch is installed, torch's bf16 matmul (oneDNN brgemm; on Sapphire Rapids
+twice OpenVINO's FullyConnected rate, benchmarks/sapphire-rapids-amx/), run in a child process so that the
+runtime never imports torch. int8: ONNX Runtime's MatMulInteger (MLAS, AMX where present) and torch's
+`_int_mm`.
+
 fp32: the best of numpy (OpenBLAS, in a fresh process without the OPENBLAS_* / MKL_* kernel overrides,
 see `machine.gemm_gflops`) and ONNX Runtime's own MatMul (MLAS, the kernel the model runs on) on the
 model's most expensive weight GEMM shapes and on a large square, at the bench's thread count. Both are
@@ -17,11 +25,16 @@ numpy's probe is `machine.gemm_gflops`.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 from ..backends import (
+    AMX_FLAGS,
     BF16_FLAGS,
     VNNI_FLAGS,
     BackendUnavailable,
@@ -31,7 +44,7 @@ from ..backends import (
     import_openvino,
     int8_weight_type,
 )
-from .machine import blas_overrides, gemm_gflops
+from .machine import blas_overrides, gemm_gflops, thread_env
 
 BF16_LIMIT_FLAGS = (*BF16_FLAGS, "bf16")  # "bf16" is the ARM (aarch64) feature name
 SQUARE = 2048
@@ -130,20 +143,132 @@ def ort_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: int | 
     return 2.0 * m * k * n / seconds / 1e9
 
 
-def openvino_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: int | None, repeats: int = 5) -> float:
-    """GFLOP/s of OpenVINO's CPU plugin on one MatMul with constant weights (as in the model), compiled as the
-    openvino:* variants are: numpy and ONNX Runtime's CPU provider have no bf16 GEMM, so this gives the bf16
-    limit (oneDNN's AVX512_BF16 / AMX kernels) and one more fp32 candidate."""
+def openvino_gemm(shape: tuple[int, int, int], precision: str, threads: int | None, repeats: int = 5
+                  ) -> tuple[float, str | None]:
+    """(GFLOP/s, kernel) of OpenVINO's CPU plugin on one MatMul with constant weights (as in the model),
+    compiled as the openvino:* variants are; the kernel is the plugin's exec type for the MatMul node (e.g.
+    brgemm_avx512_amx_bf16), read from a second, profiled compile so that profiling does not slow the timing."""
     ov = import_openvino()
     m, k, n = shape
     rng = np.random.default_rng(0)
     a = ov.opset13.parameter([m, k], ov.Type.f32, name="a")
     weights = ov.opset13.constant(rng.standard_normal((k, n)).astype(np.float32))
     model = ov.Model([ov.opset13.matmul(a, weights, False, False)], [a], "gemm_limit")
-    request = ov.Core().compile_model(model, "CPU", compile_config(precision, threads)).create_infer_request()
+    core, config = ov.Core(), compile_config(precision, threads)
+    request = core.compile_model(model, "CPU", config).create_infer_request()
     x = rng.standard_normal((m, k)).astype(np.float32)
     seconds = _best_seconds(lambda: request.infer({0: x}), repeats)
-    return 2.0 * m * k * n / seconds / 1e9
+    profiled = core.compile_model(model, "CPU", {**config, "PERF_COUNT": True}).create_infer_request()
+    profiled.infer({0: x})
+    kernels = [i.exec_type for i in profiled.profiling_info if i.node_type in ("FullyConnected", "MatMul")]
+    return 2.0 * m * k * n / seconds / 1e9, (kernels[0] if kernels else None)
+
+
+def openvino_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: int | None, repeats: int = 5) -> float:
+    """GFLOP/s of `openvino_gemm`."""
+    return openvino_gemm(shape, precision, threads, repeats)[0]
+
+
+# ---------------------------------------------------------------------------------------------- torch (child)
+
+_TORCH_CODE = r"""
+import json, sys, time
+import torch
+shapes, repeats, threads = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if threads:
+    torch.set_num_threads(threads)
+def best(run):
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
+    return min(times)
+def operands(precision, m, k, n):
+    if precision == "bf16":
+        a, b = torch.randn(m, k).bfloat16(), torch.randn(k, n).bfloat16()
+        return lambda: a @ b
+    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
+    return lambda: torch._int_mm(a, b)
+out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+for precision in ("bf16", "int8"):
+    per_shape, why = {}, None
+    for m, k, n in shapes:
+        try:
+            per_shape["x".join(map(str, (m, k, n)))] = 2.0 * m * k * n / best(operands(precision, m, k, n)) / 1e9
+        except (RuntimeError, NotImplementedError) as exc:
+            why = str(exc).splitlines()[0][:200]
+    out[precision] = {"per_shape": per_shape, "why": why}
+    if per_shape:
+        m, k, n = shapes[0]
+        run = operands(precision, m, k, n)
+        run()
+        print("KERNEL " + precision, flush=True)
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            run()
+        print("END", flush=True)
+print("RESULT " + json.dumps(out), flush=True)
+"""
+
+
+def onednn_kernels(lines: list[str]) -> list[str]:
+    """The implementation names of oneDNN's verbose "exec" lines (`onednn_verbose,[v1,primitive,]exec,cpu,
+    <primitive>,<implementation>,...`), e.g. brg_matmul:avx10_1_512_amx."""
+    found = []
+    for line in lines:
+        parts = line.strip().split(",")
+        if not parts or parts[0] not in ("onednn_verbose", "dnnl_verbose") or "exec" not in parts:
+            continue
+        at = parts.index("exec")
+        if len(parts) > at + 3 and parts[at + 1] == "cpu":
+            found.append(f"{parts[at + 2]} {parts[at + 3]}".strip())
+    return found
+
+
+def parse_torch_probe(stdout: str) -> dict:
+    """The torch child's report: per precision its rates per shape, best, and the oneDNN kernel it ran."""
+    lines = stdout.splitlines()
+    result = next((json.loads(line[len("RESULT "):]) for line in reversed(lines) if line.startswith("RESULT ")), None)
+    if result is None:
+        raise ValueError("the torch GEMM probe printed no RESULT line")
+    kernels, current = {}, None
+    for line in lines:
+        if line.startswith("KERNEL "):
+            current, kernels[line.split()[1]] = line.split()[1], []
+        elif line.startswith("END"):
+            current = None
+        elif current:
+            kernels[current].append(line)
+    report = {"torch": result.get("torch"), "threads": result.get("threads")}
+    for precision in ("bf16", "int8"):
+        entry = result.get(precision) or {}
+        per_shape = entry.get("per_shape") or {}
+        if not per_shape:
+            report[precision] = {"gflops": None, "why": entry.get("why") or "no shape ran"}
+            continue
+        best = max(per_shape, key=per_shape.get)
+        names = onednn_kernels(kernels.get(precision, []))
+        report[precision] = {"gflops": per_shape[best], "best_shape": best, "per_shape": per_shape,
+                             "kernel": "oneDNN " + names[0] if names else "not oneDNN (no verbose line)"}
+    return report
+
+
+def torch_installed() -> bool:
+    """Whether torch can be imported here, found without importing it (the runtime never imports torch)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def torch_gemm_probe(shapes: list[tuple[int, int, int]], threads: int | None, repeats: int = 5) -> dict | None:
+    """torch's bf16 matmul and int8 `_int_mm` rates on `shapes`, measured in a child process (the runtime never
+    imports torch), with the oneDNN kernel each ran; None where torch is not installed."""
+    if not torch_installed():
+        return None
+    done = subprocess.run([sys.executable, "-c", _TORCH_CODE, json.dumps(shapes), str(repeats), str(threads or 0)],
+                          capture_output=True, text=True, env=thread_env(threads), timeout=600)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+        return {"error": f"the torch GEMM probe failed: {last[:200]}"}
+    return parse_torch_probe(done.stdout)
 
 
 def _best_over(shapes: list[tuple[int, int, int]], gflops_of) -> dict:
@@ -157,11 +282,28 @@ def _ort_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int 
 
 
 def _openvino_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None) -> dict | None:
-    """The best OpenVINO MatMul rate over `shapes` at `precision`, or None where OpenVINO is not installed."""
+    """The best OpenVINO MatMul rate over `shapes` at `precision` with its kernel, or None where OpenVINO is not
+    installed."""
     try:
-        return _best_over(shapes, lambda s: openvino_gemm_gflops(s, precision, threads))
+        runs = {"x".join(map(str, s)): openvino_gemm(s, precision, threads) for s in shapes}
     except BackendUnavailable:
         return None
+    best = max(runs, key=lambda k: runs[k][0])
+    return {"gflops": runs[best][0], "best_shape": best, "per_shape": {k: v[0] for k, v in runs.items()},
+            "kernel": f"OpenVINO {runs[best][1]}" if runs[best][1] else None}
+
+
+def best_candidate(candidates: dict[str, dict | None]) -> dict | None:
+    """The fastest of `candidates` ({name: probe with gflops, best_shape, kernel}), with every candidate's figures
+    kept and "winner" = name and shape; None where none ran."""
+    ran = {name: c for name, c in candidates.items() if c and c.get("gflops")}
+    if not ran:
+        return None
+    name = max(ran, key=lambda n: ran[n]["gflops"])
+    best = ran[name]
+    return {**best, "winner": f"{name} {best.get('best_shape', '')}".strip(),
+            "candidates": {n: {k: c.get(k) for k in ("gflops", "best_shape", "kernel", "why")} if c else None
+                           for n, c in candidates.items()}}
 
 
 def probe_shapes(gemm_shapes: list[dict]) -> list[tuple[int, int, int]]:
@@ -171,8 +313,10 @@ def probe_shapes(gemm_shapes: list[dict]) -> list[tuple[int, int, int]]:
 
 
 def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: bool = False,
-                   int8_weights: str | None = None, compare_overrides: bool = True) -> dict:
-    """fp32 (and, where they apply, int8 and bf16) GEMM limits of this machine, each with how it was found."""
+                   int8_weights: str | None = None, compare_overrides: bool = True,
+                   torch_probe_wanted: bool = True) -> dict:
+    """fp32 (and, where they apply, int8 and bf16) GEMM limits of this machine, each with how it was found:
+    the winning candidate, its kernel, every candidate's figures, and the CPU's AMX flags ("amx")."""
     flags = cpu_flags() or set()
     shapes = probe_shapes(gemm_shapes)
     numpy_clean = gemm_gflops(threads)
@@ -194,26 +338,41 @@ def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: b
     if limits["blas_overrides"] and compare_overrides:  # what they cost numpy: why they were removed
         limits["numpy_with_overrides"] = gemm_gflops(threads, keep_blas_overrides=True)
     vnni = any(f in flags for f in VNNI_FLAGS)
+    bf16 = any(f in flags for f in BF16_LIMIT_FLAGS)
+    limits["amx"] = sorted(f for f in AMX_FLAGS if f in flags)
+    torch_probe = None
+    if torch_probe_wanted and (vnni or int8_rows or bf16):
+        torch_probe = torch_gemm_probe(shapes, threads)
+        limits["torch_probe"] = ({k: v for k, v in torch_probe.items() if k not in ("bf16", "int8")}
+                                 if torch_probe else {"why": "torch is not installed here"})
+    torch_ran = bool(torch_probe) and "error" not in torch_probe
     if vnni or int8_rows:
         weights = int8_weights or int8_weight_type()[0]
-        probe = _ort_probe(shapes, "int8", threads, weights)
-        limits["int8"] = {**probe, "winner": f"onnxruntime MatMulInteger u8 x {weights} {probe['best_shape']}",
-                          "vnni": vnni, "weights": weights}
-    if any(f in flags for f in BF16_LIMIT_FLAGS):
+        ort = {**_ort_probe(shapes, "int8", threads, weights), "kernel": None,
+               "why": "ONNX Runtime's MLAS names no kernel (it picks AMX, VNNI or AVX2 code by CPU feature)"}
+        candidates = {f"onnxruntime MatMulInteger u8 x {weights}": ort}
+        if torch_ran:
+            candidates["torch _int_mm s8 x s8"] = torch_probe["int8"]
+        limits["int8"] = {**best_candidate(candidates), "vnni": vnni, "weights": weights}
+    if bf16:
+        candidates: dict[str, dict | None] = {}
         try:
-            probe = _ort_probe(shapes, "bf16", threads, "s8")
+            candidates["onnxruntime MatMul bf16"] = _ort_probe(shapes, "bf16", threads, "s8")
+            ort_why = None
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own types for a missing kernel
             ort_why = ("onnxruntime could not run a bf16 MatMul on its CPU provider (no kernel): "
                        + str(exc).splitlines()[0][:160])
-            ov_bf16 = _openvino_probe(shapes, "bf16", threads)  # OpenVINO's bf16 rows run on these kernels
-            if ov_bf16:
-                limits["bf16"] = {**ov_bf16, "winner": f"openvino MatMul bf16 {ov_bf16['best_shape']}",
-                                  "onnxruntime": ort_why}
-            else:
-                limits["bf16"] = {"gflops": None, "why": ort_why + "; OpenVINO (the bf16 rows' engine) is not "
-                                  "installed"}
+        candidates["openvino MatMul bf16"] = _openvino_probe(shapes, "bf16", threads)
+        if torch_ran:
+            candidates["torch matmul bf16"] = torch_probe["bf16"]
+        best = best_candidate(candidates)
+        if best:
+            limits["bf16"] = best
+            if ort_why:
+                limits["bf16"]["onnxruntime"] = ort_why
         else:
-            limits["bf16"] = {**probe, "winner": f"onnxruntime MatMul bf16 {probe['best_shape']}"}
+            limits["bf16"] = {"gflops": None, "why": (ort_why or "no bf16 kernel ran") + "; neither OpenVINO (the "
+                              "bf16 rows' engine) nor torch is installed"}
     return limits
 
 

@@ -327,12 +327,36 @@ def limit_lines(limits: dict) -> list[str]:
     for key in ("int8", "bf16"):
         entry = limits.get(key)
         if entry and entry.get("gflops"):
-            lines.append(f"{key} limit {entry['gflops']:.1f} GFLOP/s, {entry['winner']}")
+            kernel = f" [{entry['kernel']}]" if entry.get("kernel") else ""
+            others = [f"{name} {c['gflops']:.1f}" + (f" [{c['kernel']}]" if c.get("kernel") else "")
+                      for name, c in (entry.get("candidates") or {}).items()
+                      if c and c.get("gflops") and not entry["winner"].startswith(name)]
+            lines.append(f"{key} limit {entry['gflops']:.1f} GFLOP/s, {entry['winner']}{kernel} won"
+                         + (f" (also: {'; '.join(others)})" if others else ""))
         elif entry:
             lines.append(f"{key} limit: not measured, {entry['why']}")
+    lines += amx_lines(limits)
     if overrides:
         lines.append("BLAS overrides in the environment: " + " ".join(f"{k}={v}" for k, v in overrides.items())
                      + " (removed for numpy's limit; onnxruntime ignores them)")
+    return lines
+
+
+def amx_lines(limits: dict) -> list[str]:
+    """What the limits say about AMX: the tiles this CPU has, and which limits AMX kernels gave."""
+    amx = limits.get("amx") or []
+    if not amx:
+        return []
+    on_amx = [f"{key} ({limits[key]['kernel']})" for key in ("bf16", "int8")
+              if "amx" in str((limits.get(key) or {}).get("kernel") or "").lower()]
+    line = f"AMX: this CPU has {', '.join(amx)}; " + (f"limits measured on AMX kernels: {', '.join(on_amx)}"
+                                                      if on_amx else "no limit's kernel names AMX")
+    lines = [line]
+    if (limits.get("torch_probe") or {}).get("why"):
+        lines.append(f"torch probe: {limits['torch_probe']['why']} (with torch, oneDNN's matmul joins the bf16 and "
+                     "int8 candidates: on Sapphire Rapids it reached twice OpenVINO's bf16 rate)")
+    elif (limits.get("torch_probe") or {}).get("error"):
+        lines.append(f"torch probe: {limits['torch_probe']['error']}")
     return lines
 
 
