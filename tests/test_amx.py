@@ -105,7 +105,8 @@ def test_a_failing_torch_probe_is_reported_not_used(monkeypatch):
 
 
 def test_bf16_without_amx_has_no_amx_line(monkeypatch):
-    no_amx = {**TORCH_AMX, "bf16": {**TORCH_AMX["bf16"], "gflops": 700.0, "kernel": "oneDNN matmul brg_matmul:avx512_core_bf16"}}
+    no_amx = {**TORCH_AMX, "bf16": {**TORCH_AMX["bf16"], "gflops": 700.0,
+                                    "kernel": "oneDNN matmul brg_matmul:avx512_core_bf16"}}
     _pretend(monkeypatch, ZEN4, torch_probe=no_amx)
     limits = gemm_limits.measure_limits(2, SHAPES, compare_overrides=False)
     assert limits["amx"] == [] and limits["bf16"]["gflops"] == 1150.0  # OpenVINO beat torch here
