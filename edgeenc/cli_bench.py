@@ -19,21 +19,38 @@ def bench(
     threads: int | None = typer.Option(None, help="CPU threads (default: the CPUs this process may use)"),
     cold: bool = typer.Option(True, "--cold/--no-cold", help="measure cold start in a fresh process"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the full report as JSON here"),
+    compare_torch: bool = typer.Option(False, "--compare-torch", help="also time PyTorch eager (fp32, bf16 "
+                                       "autocast, bf16 weights) in the same loop; needs torch (edgeenc[export])"),
+    checkpoint: Path | None = typer.Option(None, help="--compare-torch: the weights file (default: the checkpoint "
+                                                      "the bundle was exported from)"),
 ) -> None:
     """Latency p50/p90/p99, real-time factor, throughput, cold start, memory and % of the GEMM limit.
 
-    The limit is measured in the same run: the best of numpy (BLAS overrides such as OPENBLAS_CORETYPE
-    removed) and ONNX Runtime's own MatMul; int8 rows get an int8 limit.
+    The limits are measured in the same run, per precision, with the fastest kernels found here: fp32 the
+    best of numpy (BLAS overrides such as OPENBLAS_CORETYPE removed), ONNX Runtime's and OpenVINO's MatMul;
+    bf16 and int8 also torch's oneDNN matmul where torch is installed (AMX tiles where the CPU has them).
     """
     from edgeenc.runtime.backends import BackendUnavailable
     from edgeenc.runtime.bench import format_table, report_json, run_bench
-    from edgeenc.runtime.bundle import BundleError
+    from edgeenc.runtime.bundle import BundleError, read_manifest
 
     if any(b < 1 for b in batch) or runs < 1 or warmup < 0:
         fail("--batch and --runs must be >= 1, --warmup >= 0")
+    peers = None
+    if compare_torch:
+        require("bench --compare-torch", "torch", extra="export")
+        from edgeenc.export.torch_peer import PeerUnavailable, peer_checkpoint, torch_peers
+        from edgeenc.models.checkpoints import CheckpointError, CheckpointUnavailable
+
+        with failing_on(BundleError, PeerUnavailable, CheckpointError, CheckpointUnavailable, ValueError):
+            manifest = read_manifest(bundle)
+            note("loading the PyTorch peers")
+            peers = torch_peers(manifest["model_id"], peer_checkpoint(manifest, checkpoint, bundle), threads)
+    elif checkpoint is not None:
+        fail("--checkpoint is for --compare-torch")
     with failing_on(BundleError, BackendUnavailable, ValueError):
         report = run_bench(bundle, device=device, batches=batch, seconds=seconds, runs=runs, warmup=warmup,
-                           threads=threads, cold=cold, progress=note)
+                           threads=threads, cold=cold, progress=note, peers=peers)
     typer.echo(format_table(report))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -395,11 +395,11 @@ def limit_for(precision: str) -> str:
 
 def apply_limits(rows: list[dict], limits: dict) -> list[str]:
     """Set each CPU row's limit and % of it; a row above its limit gets no % and a line saying the limit is
-    wrong (returned). GPU rows get no limit: these are CPU kernels."""
+    wrong (returned). GPU rows get no limit: these are CPU kernels (the PyTorch peers' "torch" rows run on the CPU)."""
     problems = []
     for row in rows:
         key = limit_for(row.get("precision", "fp32"))
-        gflops = (limits.get(key) or {}).get("gflops") if row["backend"] == "cpu" else None
+        gflops = (limits.get(key) or {}).get("gflops") if row["backend"] in ("cpu", "torch") else None
         row.update(limit=key if gflops else None, limit_gflops=gflops, percent_of_limit=None, above_limit=False)
         if not gflops:
             continue

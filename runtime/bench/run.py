@@ -192,8 +192,13 @@ def run_bench(
     threads: int | None = None,
     cold: bool = True,
     progress: Progress | None = None,
+    peers: list | None = None,
 ) -> dict:
-    """The whole report as a dict (see `format_table` for the human view)."""
+    """The whole report as a dict (see `format_table` for the human view).
+
+    `peers`: other runners timed in the same interleaved loop (the PyTorch eager peers of `--compare-torch`,
+    built by the caller: this module never imports torch), each with run/close, variant, precision and
+    description; every bundle row then carries its speed-up over each peer at the same batch."""
     say = progress or (lambda _m: None)
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
@@ -237,6 +242,8 @@ def run_bench(
                 raise
             skipped.append({"backend": backend, "variant": variant, "reason": str(exc)})
     report["skipped"] = skipped
+    for peer in peers or []:
+        targets.append(Target("torch", peer.variant, peer.precision, peer, peer.description))
     rows = []
     for batch in batches:
         audio = bench_audio(rate, seconds, batch)
@@ -254,8 +261,15 @@ def run_bench(
         target.runner.close()
     report["limits"] = merge_limits(limits_before, limits("after"))
     report["limit_problems"] = apply_limits(rows, report["limits"])
+    for row in rows:
+        if row["backend"] != "torch":
+            row["x_vs_torch"] = {r["variant"]: r["p50_ms"] / row["p50_ms"] for r in rows
+                                 if r["backend"] == "torch" and r["batch"] == row["batch"]} or None
+    report["cpu_default"] = (manifest.get("cpu_default") or {}).get("variant")
     if cold:
         for target in targets:
+            if target.backend == "torch":
+                continue  # cold start is of a bundle's variant
             say(f"cold start {target.variant} ({target.backend})")
             variant = target.variant if target.backend == "cpu" else "model.onnx"
             figures = cold_start(bundle, target.backend, variant, threads, seconds)
@@ -272,8 +286,11 @@ def run_bench(
         "kept for reports written before; clips_per_s = batch / p50",
         "cold start: fresh python -c, timed from before the interpreter starts to the first output; "
         "peak_rss_mb is that process's ru_maxrss after one clip",
-        "percent_of_limit = FLOPs per clip x clips/s / the row's GEMM limit (fp32, or int8 for int8 files) "
-        "at the same thread count: see limits; a row above its limit has none and is named in limit_problems",
+        "percent_of_limit = FLOPs per clip x clips/s / the row's GEMM limit (fp32, bf16, or int8 for int8 "
+        "variants) at the same thread count: see limits; a row above its limit has none and is named in "
+        "limit_problems",
+        "torch rows (--compare-torch): PyTorch eager peers in the same interleaved loop; x_vs_torch = a peer's "
+        "p50 / the row's p50 at the same batch",
     ]
     return report
 
@@ -307,6 +324,7 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(c.rjust(w) if j >= 2 else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
+    lines += torch_lines(report)
     for problem in report.get("limit_problems", []):
         lines.append(f"LIMIT WRONG: {problem}")
     for s in report.get("skipped", []):
@@ -339,6 +357,21 @@ def limit_lines(limits: dict) -> list[str]:
     if overrides:
         lines.append("BLAS overrides in the environment: " + " ".join(f"{k}={v}" for k, v in overrides.items())
                      + " (removed for numpy's limit; onnxruntime ignores them)")
+    return lines
+
+
+def torch_lines(report: dict) -> list[str]:
+    """The bundle's CPU default (else its fastest CPU row) against each PyTorch peer, per batch."""
+    lines = []
+    for batch in report.get("batches", [1]):
+        rows = [r for r in report["rows"] if r["batch"] == batch and r.get("x_vs_torch")]
+        if not rows:
+            continue
+        default = [r for r in rows if r["variant"] == report.get("cpu_default")]
+        row = default[0] if default else min(rows, key=lambda r: r["p50_ms"])
+        which = "the bundle's CPU default" if default else "the fastest row"
+        lines.append(f"vs PyTorch at batch {batch}: {which} {row['variant']} ({row['p50_ms']:.1f} ms) is "
+                     + ", ".join(f"{x:.2f}x {name}" for name, x in row["x_vs_torch"].items()))
     return lines
 
 
