@@ -72,17 +72,24 @@ def optimize(
     pick: bool = typer.Option(True, "--pick/--no-pick", help="time every variant valid here and record the "
                                                               "fastest as the bundle's CPU default"),
     timing_runs: int = typer.Option(5, help="interleaved timed runs per variant for --pick"),
+    sweep: list[int] = typer.Option([1, 4, 8, 16], "--sweep-batch", help="--pick: batch sizes whose windows/s "
+                                    "are measured for the winner (repeatable); the best becomes the default batch"),
+    batch_sweep: bool = typer.Option(True, "--batch-sweep/--no-batch-sweep", help="measure the best batch"),
 ) -> None:
     """Write model.cpu.onnx (fused fp32), int8 and OpenVINO variants, gate each, record the fastest valid one."""
     require("optimize", "onnx", "onnxruntime")
     from edgeenc.export.optimize import optimize_bundle
     from edgeenc.runtime.bundle import BundleError
 
+    if any(b < 1 for b in sweep):
+        fail("--sweep-batch must be >= 1")
     with failing_on(BundleError, ValueError):
         summary = optimize_bundle(bundle, int8=int8, dynamic=dynamic, keep_fp32=keep_fp32, keep_failed=keep_failed,
                                   threads=threads, int8_weights=int8_weights, openvino=openvino, pick=pick,
-                                  timing_runs=timing_runs, progress=note)
+                                  timing_runs=timing_runs, sweep_batches=tuple(sweep) if batch_sweep else None,
+                                  progress=note)
     choice = summary.pop("cpu_default", None)
+    throughput = summary.pop("throughput", None)
     for name, entry in summary.items():
         status = "PASS" if entry.get("parity") else ("not written" if entry.get("written") is False else "FAIL")
         typer.echo(f"{name}: {status} {entry.get('figures') or entry.get('reason', '')}")
@@ -91,5 +98,11 @@ def optimize(
             typer.echo(f"timed {row['variant']:22} {row['p50_ms']:9.2f} ms p50  ({row['description']})")
         typer.echo(f"CPU default: {choice['variant']} ({choice['engine']} {choice['precision']}, "
                    f"{choice['speedup_vs_model_onnx']:.2f}x model.onnx on ONNX Runtime)")
+    if throughput:
+        for batch, row in throughput["batches"].items():
+            typer.echo(f"batch {batch:>3}: {row['windows_per_s']:8.2f} windows/s  {row['audio_hours_per_hour']:8.1f} "
+                       f"audio-hours/hour  peak RSS {row['peak_rss_mb']:7.0f} MB")
+        typer.echo(f"best batch: {throughput['best_batch']} (embed, classify and the Ray workers use it unless "
+                   "--batch is given)")
     if not summary["model.cpu.onnx"]["parity"]:
         raise typer.Exit(ExitStatus.PARITY_FAILED)

@@ -178,7 +178,9 @@ OPTION_GROUPS: dict[type, dict[str, tuple[str, Any]]] = {
         "last": ("last", flag_type(str, "last partial window: auto (its true length, but dropped when shorter than "
                                       "half the window or 1 s, unless it is the file's only window), short (true "
                                       "length, always), pad, or drop; for listen, where the source ends")),
-        "batch": ("batch_size", flag_type(int, "windows per inference batch (listen: at most, when behind)")),
+        "batch": ("batch_size", flag_type(int | None, "windows per inference batch (listen: at most, when behind); "
+                                                      "default: the best batch `optimize` measured for the variant "
+                                                      "that runs (`edgeenc info`), else 8")),
         "channel": ("channel", flag_type(int | None, "use this channel (0-based) instead of the mean")),
     },
     EncoderChoice: {

@@ -77,6 +77,11 @@ def info(bundle: Path = typer.Argument(..., help="a bundle folder")) -> None:
         typer.echo(f"{'cpu default':18} {choice['variant']} ({choice['engine']} {choice['precision']}, "
                    f"{choice['p50_ms']:.1f} ms per window on {(choice.get('timed_on') or {}).get('cpu_model')}, "
                    f"{choice.get('threads')} threads; ranking: {', '.join(r['variant'] for r in choice['ranking'])})")
+        sweep = choice.get("throughput")
+        if sweep:
+            rates = ", ".join(f"{b}: {r['windows_per_s']:.2f}/s ({r['peak_rss_mb']:.0f} MB)"
+                              for b, r in sweep["batches"].items())
+            typer.echo(f"{'best batch':18} {sweep['best_batch']} (windows/s by batch, peak memory: {rates})")
     engines = sorted((bundle / "engines").glob("*.json")) if (bundle / "engines").is_dir() else []
     for sidecar in engines:
         try:

@@ -46,6 +46,7 @@ from edgeenc.progress import Progress
 from edgeenc.runtime import bundle as bundle_io
 from edgeenc.runtime.atomic import write_json_atomic
 from edgeenc.runtime.backends import CPU_DISABLED_OPTIMIZERS, cpu_summary, int8_weight_type
+from edgeenc.runtime.bench import batch_sweep
 
 from .cpu_default import pick_cpu_default
 from .layout import cpu_layout
@@ -271,6 +272,7 @@ def optimize_bundle(
     openvino: bool = True,
     pick: bool = True,
     timing_runs: int = 5,
+    sweep_batches: tuple[int, ...] | None = (1, 4, 8, 16),
     progress: Progress | None = None,
 ) -> dict:
     """Write the CPU variants into `bundle`, gate each, record them in the manifest. Returns the summary.
@@ -278,7 +280,10 @@ def optimize_bundle(
     `int8_weights`: "auto" (s8 where this CPU multiplies u8 x s8 without saturation, else u8), "s8" or "u8".
     `openvino`: also gate OpenVINO fp32 / bf16 (export/engine_choice.py; skipped with the reason when
     OpenVINO is not installed). `pick`: time every variant valid here (`timing_runs` interleaved runs) and
-    write the fastest as manifest["cpu_default"] (summary["cpu_default"]).
+    write the fastest as manifest["cpu_default"] (summary["cpu_default"]); then (`sweep_batches`) measure the
+    winner's windows/s at those batch sizes in a fresh process (runtime/bench batch_sweep) and record the best
+    as cpu_default["best_batch"], with the table in its variant entry's "throughput": the batch embed and
+    the Ray workers use by default.
     """
     say = progress or (lambda _m: None)
     weights, weights_why = int8_weight_type(int8_weights)
@@ -374,8 +379,20 @@ def optimize_bundle(
                                                optimize={k: {kk: vv for kk, vv in v.items() if kk != "comparisons"}
                                                          for k, v in summary.items()})
     if pick:
-        summary["cpu_default"] = pick_cpu_default(bundle, manifest, threads=threads, runs=timing_runs, say=say)
-        bundle_io.add_files_to_manifest(bundle, [], cpu_default=summary["cpu_default"])
+        choice = pick_cpu_default(bundle, manifest, threads=threads, runs=timing_runs, say=say)
+        summary["cpu_default"] = choice
+        if sweep_batches:
+            say(f"batch sweep of {choice['variant']} (windows/s at batch {', '.join(map(str, sweep_batches))}, "
+                "fresh process)")
+            sweep = batch_sweep(bundle, choice["variant"], threads, tuple(sweep_batches), runs=3)
+            choice.update(best_batch=sweep["best_batch"], throughput=sweep)
+            variants = bundle_io.variants(bundle_io.read_manifest(bundle))
+            if choice["variant"] in variants:  # model.onnx has an entry from export; others from above
+                variants[choice["variant"]] = {**variants[choice["variant"]], "throughput": sweep}
+            summary["throughput"] = sweep
+            bundle_io.add_files_to_manifest(bundle, [], variants=variants, cpu_default=choice)
+        else:
+            bundle_io.add_files_to_manifest(bundle, [], cpu_default=choice)
     return summary
 
 

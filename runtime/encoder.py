@@ -23,6 +23,7 @@ from .windows import Window, WindowBatcher, WindowOptions, iter_windows
 from .writers import ClassRow
 
 _SCORE_FIELDS = {f.name for f in fields(ScoreOptions)}
+DEFAULT_BATCH = 8  # windows per call where neither the caller nor the bundle's measured sweep says
 
 
 class RandomWeightsWarning(UserWarning):
@@ -188,6 +189,11 @@ class Encoder:
                                       cpu_engine=cpu_engine)
         return cls(bundle, manifest, backend, labels, log, brief_log(log, skipped), chosen)
 
+    def batch_size(self, options: WindowOptions) -> int:
+        """Windows per inference call: the options' own, else the batch `optimize` measured fastest for the variant
+        that runs (manifest "throughput"), else DEFAULT_BATCH."""
+        return options.batch_size or getattr(self.backend, "best_batch", None) or DEFAULT_BATCH
+
     @property
     def metadata(self) -> dict[str, str]:
         """What every output file carries about where its numbers came from."""
@@ -292,7 +298,7 @@ class Encoder:
         yield from self._run_files(streams, options)
 
     def _run_files(self, sources, options: WindowOptions) -> Iterator[FileOutcome]:
-        batcher = WindowBatcher(options.batch_size)
+        batcher = WindowBatcher(self.batch_size(options))
         pending: list[_Pending] = []
 
         def run(batches) -> None:

@@ -55,13 +55,13 @@ class WindowOptions:
     window_seconds: float | None = None  # None: the model's native window
     hop_seconds: float | None = None  # None: the window (no overlap, no gap)
     last: str = "auto"  # the final partial window: see LAST_POLICIES and the module docstring
-    batch_size: int = 8  # windows per inference call
+    batch_size: int | None = None  # windows per inference call; None: the bundle's best (Encoder.batch_size)
     channel: int | None = None  # 0-based channel instead of the mean of all channels
 
     def __post_init__(self) -> None:
         if self.last not in LAST_POLICIES:
             raise ValueError(f"last must be one of {', '.join(LAST_POLICIES)}; got {self.last!r}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size!r}")
         for name in ("window_seconds", "hop_seconds"):
             value = getattr(self, name)

@@ -252,3 +252,72 @@ def test_openvino_int8_with_bf16_rest_that_fails_is_gated_again_in_fp32(tiny_bea
     assert [a["compile"]["inference_precision"] for a in int8["failed_attempts"]] == ["bf16"]
     assert set(written) == {"model.openvino-int8.xml", "model.openvino-int8.bin"}
     assert entries["openvino:fp32"]["compile"] == {"static_window_samples": 32000}
+
+
+# ---------------------------------------------------------------------------------------------- batch sweep
+
+
+def test_the_best_batch_is_the_smallest_near_the_top():
+    from edgeenc.runtime.bench.run import pick_best_batch
+
+    # Sapphire Rapids, BEATs openvino:int8 (optimize's sweep): 4 wins, 8 is only 0.1 % faster.
+    assert pick_best_batch({1: 11.48, 4: 13.12, 8: 13.14, 16: 12.77}) == 4
+    assert pick_best_batch({1: 10.0, 4: 10.2, 8: 10.1}) == 1  # within 3 %: batch 1
+    assert pick_best_batch({1: 5.0, 4: 9.0, 8: 12.0, 16: 12.2}) == 8
+
+
+def test_optimize_records_the_best_batch_and_embed_uses_it(tiny_beats_bundle, tmp_path):
+    """optimize sweeps the winner's batch sizes in a fresh process; Encoder (embed, classify, the Ray workers)
+    then batches windows by it unless told otherwise, and `info` shows it."""
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from edgeenc.cli import app
+    from edgeenc.export.optimize import optimize_bundle
+    from edgeenc.runtime.encoder import DEFAULT_BATCH, Encoder
+    from edgeenc.runtime.windows import WindowOptions
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_beats_bundle[0], bundle)
+    summary = optimize_bundle(bundle, quick=True, int8=False, openvino=False, threads=2, timing_runs=2,
+                              sweep_batches=(1, 2, 4))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    choice = manifest["cpu_default"]
+    sweep = choice["throughput"]
+    assert sweep == summary["throughput"] and set(sweep["batches"]) == {"1", "2", "4"}
+    assert choice["best_batch"] == sweep["best_batch"] in (1, 2, 4)
+    for row in sweep["batches"].values():
+        assert row["windows_per_s"] > 0 and row["peak_rss_mb"] > 50
+    rss = [sweep["batches"][b]["peak_rss_mb"] for b in ("1", "2", "4")]
+    assert rss == sorted(rss)  # peaks read in increasing batch order
+    if choice["variant"] != "model.onnx":
+        assert manifest["variants"][choice["variant"]]["throughput"] == sweep
+
+    encoder = Encoder.load(bundle, "cpu", threads=2)
+    assert encoder.backend.best_batch == choice["best_batch"]
+    assert encoder.batch_size(WindowOptions()) == choice["best_batch"]
+    assert encoder.batch_size(WindowOptions(batch_size=3)) == 3  # asked for: asked for
+
+    # Whatever the manifest says is what embed batches by (a forged 3 shows it is read, not assumed).
+    choice["throughput"]["best_batch"] = 3
+    if choice["variant"] in manifest["variants"]:
+        manifest["variants"][choice["variant"]]["throughput"]["best_batch"] = 3
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    encoder = Encoder.load(bundle, "cpu", threads=2, verify=False)
+    sizes = []
+    run = encoder.backend.run
+    encoder.backend.run = lambda audio: sizes.append(len(audio)) or run(audio)
+    rng = np.random.default_rng(0)
+    from edgeenc.runtime.encoder import Stream
+
+    blocks = [rng.standard_normal(7 * 32000).astype(np.float32) * 0.1]
+    outcomes = list(encoder.embed_streams([Stream("s", iter(blocks))], WindowOptions(window_seconds=2.0)))
+    assert outcomes and sizes[:2] == [3, 3] and max(sizes) == 3
+
+    old = Encoder.load(tiny_beats_bundle[0], "cpu", threads=2)  # never optimised: the old default
+    assert old.backend.best_batch is None and old.batch_size(WindowOptions()) == DEFAULT_BATCH
+
+    result = CliRunner().invoke(app, ["info", str(bundle)])
+    assert "best batch" in result.output and "windows/s by batch" in result.output

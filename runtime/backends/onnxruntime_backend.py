@@ -46,6 +46,8 @@ def cuda_provider_options(ort) -> dict:
 class OrtBackend:
     """ONNX Runtime session on one execution provider."""
 
+    best_batch: int | None = None  # set by selection.py from the bundle's measured sweep
+
     def __init__(
         self,
         model_path: Path,

@@ -28,7 +28,10 @@ from .protocol import BackendUnavailable
 # variant precision -> INFERENCE_PRECISION_HINT; an int8 IR runs its unquantised ops (front end, norms) in f32.
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 COMPUTE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # an int8 IR's "inference_precision" -> the hint
-STATIC_SHAPES = 4  # static compiled models kept (batch sizes of the native window); others run dynamic
+# Static compiled models kept (batch sizes of the native window); others run dynamic. Each holds its own
+# weights: 330 MB more per batch size for the full-size BEATs int8 IR (benchmarks/sapphire-rapids-amx/), so two:
+# the run's batch and one other (a file's or a run's last, partial batch).
+STATIC_SHAPES = 2
 
 
 def import_openvino():
@@ -84,6 +87,7 @@ class OpenVinoBackend:
     with the variant's compile settings (`compile`: see the module docstring)."""
 
     name = "cpu"
+    best_batch: int | None = None  # set by selection.py from the bundle's measured sweep
 
     def __init__(self, model_path: Path, output_names: list[str], *, precision: str = "fp32",
                  threads: int | None = None, compile: dict | None = None):

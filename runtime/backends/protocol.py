@@ -23,6 +23,8 @@ class Backend(Protocol):
     name: str  # "trt", "cuda" or "cpu"
     description: str  # what actually runs, e.g. "onnxruntime 1.32.0 CPUExecutionProvider, 2 threads"
     variant: str  # what computes the numbers, without settings that do not change them (threads, versions)
+    # The batch `optimize` measured fastest for this variant (manifest entry "throughput"); None: not measured.
+    best_batch: int | None
 
     def run(self, audio: np.ndarray) -> dict[str, np.ndarray]: ...
 

@@ -93,8 +93,21 @@ def _planned_cpu_backend(bundle: Path, manifest: Manifest, output_names: list[st
     for line in plan.notes:  # the caller says them (Encoder.backend_log); a warning here would say them twice
         notes.append(line)
         log.info("%s", line)
-    return open_cpu_backend(bundle / plan.file, plan.engine, plan.precision, output_names, threads,
-                            compile=plan.compile)
+    backend = open_cpu_backend(bundle / plan.file, plan.engine, plan.precision, output_names, threads,
+                               compile=plan.compile)
+    backend.best_batch = best_batch(manifest, plan.key)
+    return backend
+
+
+def best_batch(manifest: Manifest, key: str) -> int | None:
+    """The batch size `optimize` measured fastest for variant `key` (its entry's "throughput", or the CPU default's
+    for model.onnx, which has no entry of its own), or None where none was measured."""
+    entry = variant_entry(manifest, key)
+    sweep = entry.get("throughput") or {}
+    if not sweep and (manifest.get("cpu_default") or {}).get("variant") == key:
+        sweep = manifest["cpu_default"].get("throughput") or {}
+    batch = sweep.get("best_batch")
+    return int(batch) if isinstance(batch, int) and batch >= 1 else None
 
 
 def open_cpu_backend(path: Path, engine: str, precision: str, output_names: list[str], threads: int | None,

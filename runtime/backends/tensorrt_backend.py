@@ -164,6 +164,7 @@ class TensorRTBackend:
     """One engine, one execution context and one stream: audio [B, N] float32 -> named outputs."""
 
     name = "trt"
+    best_batch: int | None = None  # set by selection.py from the bundle's measured sweep
 
     def __init__(self, engine_path: Path, output_names: list[str], sample_rate: int, *, sidecar: dict | None = None,
                  bundle: Path | None = None) -> None:

@@ -7,6 +7,7 @@ from .gemm_limits import apply_limits, limit_for, measure_limits, merge_limits
 from .machine import gemm_gflops, machine_info
 from .run import (
     Target,
+    batch_sweep,
     bench_audio,
     cold_start,
     cpu_variants,
@@ -19,6 +20,6 @@ from .run import (
     time_interleaved,
 )
 
-__all__ = ["Target", "apply_limits", "bench_audio", "cold_start", "count_flops", "cpu_variants",
+__all__ = ["Target", "apply_limits", "batch_sweep", "bench_audio", "cold_start", "count_flops", "cpu_variants",
            "format_table", "gemm_gflops", "limit_for", "load_target", "machine_info", "measure_limits",
            "merge_limits", "peak_rss_mb", "percentiles", "report_json", "run_bench", "time_interleaved"]

@@ -164,7 +164,7 @@ def listen(
     summary = ListenSummary()
     file_id = store.open_stream(source_name, source.sample_rate)
     failure: list[BaseException] = []
-    batcher = WindowBatcher(options.batch_size)
+    batcher = WindowBatcher(encoder.batch_size(options))
     reported = {"at": time.monotonic(), "dropped": 0, "received": 0}
     t0, cpu0 = time.monotonic(), time.process_time()
 
