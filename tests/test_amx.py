@@ -290,8 +290,7 @@ def test_optimize_records_the_best_batch_and_embed_uses_it(tiny_beats_bundle, tm
     assert choice["best_batch"] == sweep["best_batch"] in (1, 2, 4)
     for row in sweep["batches"].values():
         assert row["windows_per_s"] > 0 and row["peak_rss_mb"] > 50
-    rss = [sweep["batches"][b]["peak_rss_mb"] for b in ("1", "2", "4")]
-    assert rss == sorted(rss)  # peaks read in increasing batch order
+    assert "one fresh process per batch size" in sweep["how"] and sweep["runs"] == 3
     if choice["variant"] != "model.onnx":
         assert manifest["variants"][choice["variant"]]["throughput"] == sweep
 

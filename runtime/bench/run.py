@@ -118,23 +118,18 @@ import numpy as np
 from edgeenc.runtime.bench import bench_audio, peak_rss_mb
 from edgeenc.runtime.backends import open_cpu_variant
 from edgeenc.runtime.bundle import output_names, read_manifest
-bundle, key, threads, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-batches = [int(b) for b in sys.argv[5].split(",")]
+bundle, key, threads, runs, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 manifest = read_manifest(bundle)
-seconds, rate = float(manifest["window_seconds"]), int(manifest["sample_rate"])
+audio = bench_audio(int(manifest["sample_rate"]), float(manifest["window_seconds"]), batch)
 runner = open_cpu_variant(bundle, manifest, key, output_names(manifest, tokens=False), threads or None)
-audio = {b: bench_audio(rate, seconds, b) for b in batches}
-rss = {}
-for b in batches:  # in increasing order: the peak after batch b is what batches up to b need
-    runner.run(audio[b])
-    rss[b] = peak_rss_mb()
-times = {b: [] for b in batches}
-for _ in range(runs):  # round-robin, so drift on the machine hits every batch size alike
-    for b in batches:
-        time.sleep(0.05)
-        start = time.perf_counter()
-        runner.run(audio[b])
-        times[b].append(time.perf_counter() - start)
+runner.run(audio)
+rss = peak_rss_mb()
+times = []
+for _ in range(runs):
+    time.sleep(0.05)
+    start = time.perf_counter()
+    runner.run(audio)
+    times.append(time.perf_counter() - start)
 print(json.dumps({"description": runner.description, "rss": rss, "times": times}))
 """
 
@@ -149,29 +144,29 @@ def pick_best_batch(rates: dict[int, float]) -> int:
 
 def batch_sweep(bundle: Path, key: str, threads: int | None, batches: tuple[int, ...] = (1, 4, 8, 16),
                 runs: int = 3) -> dict:
-    """Windows per second of variant `key` at each batch size, timed round-robin in a fresh process (so its
-    peak memory is the runtime's alone), and the best batch: the smallest within 3 % of the highest rate."""
+    """Windows per second of variant `key` at each batch size, each batch size in a fresh process (its own
+    compiled shapes, and its peak memory the runtime's alone, as in an `embed` run with that --batch), and the
+    best batch: the smallest within 3 % of the highest rate."""
     batches = tuple(sorted(set(batches)))
-    done = subprocess.run([sys.executable, "-c", _SWEEP_CODE, str(bundle), key, str(threads or 0), str(runs),
-                           ",".join(map(str, batches))], capture_output=True, text=True, env=thread_env(threads),
-                          timeout=3600)
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or ["failed"])[-1]
-        raise RuntimeError(f"the batch sweep of {key} failed: {last[:300]}")
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    table, description = {}, None
     seconds = float(read_manifest(bundle)["window_seconds"])
-    table = {}
     for b in batches:
-        p50 = float(np.median(out["times"][str(b)]))
+        done = subprocess.run([sys.executable, "-c", _SWEEP_CODE, str(bundle), key, str(threads or 0), str(runs),
+                               str(b)], capture_output=True, text=True, env=thread_env(threads), timeout=3600)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["failed"])[-1]
+            raise RuntimeError(f"the batch sweep of {key} at batch {b} failed: {last[:300]}")
+        out = json.loads(done.stdout.strip().splitlines()[-1])
+        description = out["description"]
+        p50 = float(np.median(out["times"]))
         table[str(b)] = {"p50_ms": round(1000 * p50, 2), "windows_per_s": round(b / p50, 3),
-                         "audio_hours_per_hour": round(b * seconds / p50, 1),
-                         "peak_rss_mb": round(out["rss"][str(b)], 1)}
+                         "audio_hours_per_hour": round(b * seconds / p50, 1), "peak_rss_mb": round(out["rss"], 1)}
     best = pick_best_batch({int(b): r["windows_per_s"] for b, r in table.items()})
     return {"best_batch": best, "batches": table, "runs": runs, "threads": threads, "window_seconds": seconds,
-            "description": out["description"],
-            "how": "fresh process; each batch of native windows of the bundled recording run once (peak RSS "
-                   "read after it, batches in increasing order), then timed round-robin; best = the smallest "
-                   f"batch within {100 - 100 * NEAR_BEST:.0f} % of the highest windows/s"}
+            "description": description,
+            "how": "one fresh process per batch size: the variant opened, native windows of the bundled recording "
+                   f"run once (then peak RSS read), then {runs} timed runs (p50); best = the smallest batch within "
+                   f"{100 - 100 * NEAR_BEST:.0f} % of the highest windows/s"}
 
 
 def peak_rss_mb() -> float:
