@@ -379,8 +379,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{t} thread(s), GEMM peak {block.get('gemm_peak_gflops') or 0:.0f} GFLOP/s", fontsize=9)
         ax.set_xlabel("speed-up over PyTorch eager (batch 1, 10 s clip)")
     axes[0][0].set_ylabel("1 - min per-token cosine vs fp32 (log)")
-    fig.suptitle(f"{results.get('model_id', 'BEATs')}, {results['machine'].get('cpu_model')}, {results['gflop_per_clip']:.1f} GFLOP/clip",
-                 fontsize=9)
+    fig.suptitle(f"{results.get('model_id', 'BEATs')}, {results['machine'].get('cpu_model')}, "
+                 f"{results['gflop_per_clip']:.1f} GFLOP/clip", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
