@@ -75,6 +75,8 @@ def optimize(
     sweep: list[int] = typer.Option([1, 4, 8, 16], "--sweep-batch", help="--pick: batch sizes whose windows/s "
                                     "are measured for the winner (repeatable); the best becomes the default batch"),
     batch_sweep: bool = typer.Option(True, "--batch-sweep/--no-batch-sweep", help="measure the best batch"),
+    sweep_all: bool = typer.Option(False, "--sweep-all", help="sweep every timed variant, not only the CPU "
+                                                              "default (what --variant runs then batches by)"),
 ) -> None:
     """Write model.cpu.onnx (fused fp32), int8 and OpenVINO variants, gate each, record the fastest valid one."""
     require("optimize", "onnx", "onnxruntime")
@@ -87,7 +89,7 @@ def optimize(
         summary = optimize_bundle(bundle, int8=int8, dynamic=dynamic, keep_fp32=keep_fp32, keep_failed=keep_failed,
                                   threads=threads, int8_weights=int8_weights, openvino=openvino, pick=pick,
                                   timing_runs=timing_runs, sweep_batches=tuple(sweep) if batch_sweep else None,
-                                  progress=note)
+                                  sweep_all=sweep_all, progress=note)
     choice = summary.pop("cpu_default", None)
     throughput = summary.pop("throughput", None)
     for name, entry in summary.items():

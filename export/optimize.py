@@ -273,6 +273,7 @@ def optimize_bundle(
     pick: bool = True,
     timing_runs: int = 5,
     sweep_batches: tuple[int, ...] | None = (1, 4, 8, 16),
+    sweep_all: bool = False,
     progress: Progress | None = None,
 ) -> dict:
     """Write the CPU variants into `bundle`, gate each, record them in the manifest. Returns the summary.
@@ -283,7 +284,8 @@ def optimize_bundle(
     write the fastest as manifest["cpu_default"] (summary["cpu_default"]); then (`sweep_batches`) measure the
     winner's windows/s at those batch sizes in a fresh process (runtime/bench batch_sweep) and record the best
     as cpu_default["best_batch"], with the table in its variant entry's "throughput": the batch embed and
-    the Ray workers use by default.
+    the Ray workers use by default. `sweep_all`: sweep every timed variant, not only the winner (each entry's
+    "throughput" then gives the batch a run of that variant, e.g. `--variant int8dyn`, uses).
     """
     say = progress or (lambda _m: None)
     weights, weights_why = int8_weight_type(int8_weights)
@@ -382,14 +384,17 @@ def optimize_bundle(
         choice = pick_cpu_default(bundle, manifest, threads=threads, runs=timing_runs, say=say)
         summary["cpu_default"] = choice
         if sweep_batches:
-            say(f"batch sweep of {choice['variant']} (windows/s at batch {', '.join(map(str, sweep_batches))}, "
-                "fresh process)")
-            sweep = batch_sweep(bundle, choice["variant"], threads, tuple(sweep_batches), runs=3)
-            choice.update(best_batch=sweep["best_batch"], throughput=sweep)
             variants = bundle_io.variants(bundle_io.read_manifest(bundle))
-            if choice["variant"] in variants:  # model.onnx has an entry from export; others from above
-                variants[choice["variant"]] = {**variants[choice["variant"]], "throughput": sweep}
-            summary["throughput"] = sweep
+            keys = [r["variant"] for r in choice["ranking"]] if sweep_all else [choice["variant"]]
+            for key in keys:
+                say(f"batch sweep of {key} (windows/s at batch {', '.join(map(str, sweep_batches))}, a fresh "
+                    "process each)")
+                sweep = batch_sweep(bundle, key, threads, tuple(sweep_batches), runs=3)
+                if key in variants:  # every timed variant has an entry (model.onnx's is written by export)
+                    variants[key] = {**variants[key], "throughput": sweep}
+                if key == choice["variant"]:
+                    choice.update(best_batch=sweep["best_batch"], throughput=sweep)
+                    summary["throughput"] = sweep
             bundle_io.add_files_to_manifest(bundle, [], variants=variants, cpu_default=choice)
         else:
             bundle_io.add_files_to_manifest(bundle, [], cpu_default=choice)

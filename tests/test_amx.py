@@ -282,7 +282,7 @@ def test_optimize_records_the_best_batch_and_embed_uses_it(tiny_beats_bundle, tm
     bundle = tmp_path / "bundle"
     shutil.copytree(tiny_beats_bundle[0], bundle)
     summary = optimize_bundle(bundle, quick=True, int8=False, openvino=False, threads=2, timing_runs=2,
-                              sweep_batches=(1, 2, 4))
+                              sweep_batches=(1, 2, 4), sweep_all=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     choice = manifest["cpu_default"]
     sweep = choice["throughput"]
@@ -291,8 +291,16 @@ def test_optimize_records_the_best_batch_and_embed_uses_it(tiny_beats_bundle, tm
     for row in sweep["batches"].values():
         assert row["windows_per_s"] > 0 and row["peak_rss_mb"] > 50
     assert "one fresh process per batch size" in sweep["how"] and sweep["runs"] == 3
-    if choice["variant"] != "model.onnx":
-        assert manifest["variants"][choice["variant"]]["throughput"] == sweep
+    assert manifest["variants"][choice["variant"]]["throughput"] == sweep
+    timed = [r["variant"] for r in choice["ranking"]]
+    assert set(timed) == {"model.onnx", "model.cpu.onnx"}  # --sweep-all: every timed variant has its own
+    from edgeenc.runtime.backends.selection import best_batch
+
+    for key in timed:
+        assert best_batch(manifest, key) == manifest["variants"][key]["throughput"]["best_batch"]
+    asked = Encoder.load(bundle, "cpu", threads=2, variant="fp32")  # model.onnx, asked for by name
+    assert "(model.onnx," in asked.backend.description
+    assert asked.backend.best_batch == manifest["variants"]["model.onnx"]["throughput"]["best_batch"]
 
     encoder = Encoder.load(bundle, "cpu", threads=2)
     assert encoder.backend.best_batch == choice["best_batch"]
