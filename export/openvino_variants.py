@@ -128,9 +128,10 @@ def openvino_variants(bundle: Path, names: list[str], cases: list[ParityCase], r
             try:
                 runner = open_cpu_backend(bundle / base["source"], "openvino", precision, names, threads,
                                           compile=settings)
-            except BackendUnavailable as exc:
-                entries[key] = _not_written(base, str(exc))
-                break
+            except BackendUnavailable as exc:  # e.g. OpenVINO would not compile the bf16 rest here: try the next
+                failed.append({"compile": settings, "reason": str(exc)})
+                entries[key] = {**_not_written(base, str(exc)), "failed_attempts": failed}
+                continue
             if precision == "fp32":
                 report = compare(key, runner.run, references, cases, names)
                 figures = fp32_figures(report)
@@ -142,7 +143,7 @@ def openvino_variants(bundle: Path, names: list[str], cases: list[ParityCase], r
             entries[key] = {**base, "compile": settings, "parity": report.passed, "figures": figures,
                             "gated_on": gated_on(), "seconds": round(time.time() - started, 1)}
             if failed:
-                entries[key]["failed_attempts"] = failed
+                entries[key]["failed_attempts"] = list(failed)
             if report.passed:
                 break
             failed.append({"compile": settings, "figures": figures})

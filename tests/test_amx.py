@@ -247,7 +247,11 @@ def test_openvino_int8_with_bf16_rest_that_fails_is_gated_again_in_fp32(tiny_bea
     entries, written = ovv.openvino_variants(bundle, names, cases, references, 2, lambda _m: None,
                                              int8_windows=calibration_windows(16000, 2.0, 2), window_samples=32000)
     int8 = entries["openvino:int8"]
-    assert int8["parity"] is True and seen[-2:] == ["bf16", "f32"]
+    assert int8["parity"] is True and seen[-1] == "f32"
+    if isa.has_bf16():  # gated in bf16 first, and refused by the (forced) gate
+        assert seen[-2:] == ["bf16", "f32"] and int8["failed_attempts"][0]["figures"]
+    else:  # OpenVINO compiles no bf16 here: the attempt is recorded with why, then fp32 is gated
+        assert "not bf16" in int8["failed_attempts"][0]["reason"]
     assert int8["compile"] == {"static_window_samples": 32000, "inference_precision": "fp32"}
     assert [a["compile"]["inference_precision"] for a in int8["failed_attempts"]] == ["bf16"]
     assert set(written) == {"model.openvino-int8.xml", "model.openvino-int8.bin"}
