@@ -164,51 +164,9 @@ def openvino_gemm(shape: tuple[int, int, int], precision: str, threads: int | No
     return 2.0 * m * k * n / seconds / 1e9, (kernels[0] if kernels else None)
 
 
-def openvino_gemm_gflops(shape: tuple[int, int, int], precision: str, threads: int | None, repeats: int = 5) -> float:
-    """GFLOP/s of `openvino_gemm`."""
-    return openvino_gemm(shape, precision, threads, repeats)[0]
-
-
 # ---------------------------------------------------------------------------------------------- torch (child)
 
-_TORCH_CODE = r"""
-import json, sys, time
-import torch
-shapes, repeats, threads = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-if threads:
-    torch.set_num_threads(threads)
-def best(run):
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter(); run(); times.append(time.perf_counter() - start)
-    return min(times)
-def operands(precision, m, k, n):
-    if precision == "bf16":
-        a, b = torch.randn(m, k).bfloat16(), torch.randn(k, n).bfloat16()
-        return lambda: a @ b
-    a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
-    b = torch.randint(-128, 128, (k, n), dtype=torch.int8)
-    return lambda: torch._int_mm(a, b)
-out = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-for precision in ("bf16", "int8"):
-    per_shape, why = {}, None
-    for m, k, n in shapes:
-        try:
-            per_shape["x".join(map(str, (m, k, n)))] = 2.0 * m * k * n / best(operands(precision, m, k, n)) / 1e9
-        except (RuntimeError, NotImplementedError) as exc:
-            why = str(exc).splitlines()[0][:200]
-    out[precision] = {"per_shape": per_shape, "why": why}
-    if per_shape:
-        m, k, n = shapes[0]
-        run = operands(precision, m, k, n)
-        run()
-        print("KERNEL " + precision, flush=True)
-        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-            run()
-        print("END", flush=True)
-print("RESULT " + json.dumps(out), flush=True)
-"""
+TORCH_PROBE_MODULE = "edgeenc.export.torch_gemm"  # run as `python -m` in a child: torch never enters this process
 
 
 def onednn_kernels(lines: list[str]) -> list[str]:
@@ -263,8 +221,8 @@ def torch_gemm_probe(shapes: list[tuple[int, int, int]], threads: int | None, re
     imports torch), with the oneDNN kernel each ran; None where torch is not installed."""
     if not torch_installed():
         return None
-    done = subprocess.run([sys.executable, "-c", _TORCH_CODE, json.dumps(shapes), str(repeats), str(threads or 0)],
-                          capture_output=True, text=True, env=thread_env(threads), timeout=600)
+    done = subprocess.run([sys.executable, "-m", TORCH_PROBE_MODULE, json.dumps(shapes), str(repeats),
+                           str(threads or 0)], capture_output=True, text=True, env=thread_env(threads), timeout=600)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["failed"])[-1]
         return {"error": f"the torch GEMM probe failed: {last[:200]}"}
