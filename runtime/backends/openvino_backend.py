@@ -25,7 +25,8 @@ import numpy as np
 from ..bundle import BundleError
 from .protocol import BackendUnavailable
 
-# variant precision -> INFERENCE_PRECISION_HINT; an int8 IR runs its unquantised ops (front end, norms) in f32.
+# variant precision -> INFERENCE_PRECISION_HINT; an int8 IR runs its unquantised ops (front end, norms) in f32
+# unless its entry's compile settings say bf16 (COMPUTE_PRECISIONS).
 PRECISIONS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 COMPUTE_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # an int8 IR's "inference_precision" -> the hint
 # Static compiled models kept (batch sizes of the native window); others run dynamic. Each holds its own
