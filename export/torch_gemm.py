@@ -15,7 +15,8 @@ import sys
 import time
 
 
-def _best(run, repeats: int) -> float:
+def best_seconds(run, repeats: int) -> float:
+    """The fastest of `repeats` timed calls of `run`, after one untimed call."""
     run()
     times = []
     for _ in range(repeats):
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
         per_shape, why = {}, None
         for m, k, n in shapes:
             try:
-                seconds = _best(_operands(torch, precision, m, k, n), repeats)
+                seconds = best_seconds(_operands(torch, precision, m, k, n), repeats)
             except (RuntimeError, NotImplementedError) as exc:
                 why = str(exc).splitlines()[0][:200]
                 continue

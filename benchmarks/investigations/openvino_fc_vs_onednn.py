@@ -13,21 +13,10 @@ in one process, one shape after another.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 SHAPES = [(496, 768, 3072), (496, 3072, 768), (496, 768, 768)]
-
-
-def best(run, repeats: int) -> float:
-    run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -39,6 +28,7 @@ def main() -> None:
     import openvino as ov
     import torch
 
+    from edgeenc.export.torch_gemm import best_seconds as best
     from edgeenc.runtime.backends.openvino_backend import compile_config
     from edgeenc.runtime.bench.gemm_limits import ort_gemm_gflops
 
