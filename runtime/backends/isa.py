@@ -88,12 +88,6 @@ def cpu_summary() -> dict:
             "bf16": None if flags is None else has_bf16(flags)}
 
 
-def has_amx(flags: set[str] | None = None) -> bool:
-    """True where the CPU has AMX tiles (amx_tile with amx_bf16 or amx_int8)."""
-    flags = cpu_flags() if flags is None else flags
-    return bool(flags) and "amx_tile" in flags and bool({"amx_bf16", "amx_int8"} & flags)
-
-
 def has_bf16(flags: set[str] | None = None) -> bool:
     """True where the CPU multiplies bf16 in hardware (AVX512_BF16 or AMX-BF16); False where flags are unknown."""
     flags = cpu_flags() if flags is None else flags

@@ -229,26 +229,26 @@ def torch_gemm_probe(shapes: list[tuple[int, int, int]], threads: int | None, re
     return parse_torch_probe(done.stdout)
 
 
-def _best_over(shapes: list[tuple[int, int, int]], gflops_of) -> dict:
-    per_shape = {"x".join(map(str, s)): gflops_of(s) for s in shapes}
-    best = max(per_shape, key=per_shape.get)
-    return {"gflops": per_shape[best], "best_shape": best, "per_shape": per_shape}
+def _best_over(shapes: list[tuple[int, int, int]], run) -> dict:
+    """The best of `run(shape)` -> (GFLOP/s, kernel or None) over `shapes`, with every shape's rate."""
+    runs = {"x".join(map(str, s)): run(s) for s in shapes}
+    best = max(runs, key=lambda k: runs[k][0])
+    return {"gflops": runs[best][0], "best_shape": best, "per_shape": {k: v[0] for k, v in runs.items()},
+            "kernel": runs[best][1]}
 
 
 def _ort_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None, weights: str) -> dict:
-    return _best_over(shapes, lambda s: ort_gemm_gflops(s, precision, threads, weights=weights))
+    return _best_over(shapes, lambda s: (ort_gemm_gflops(s, precision, threads, weights=weights), None))
 
 
 def _openvino_probe(shapes: list[tuple[int, int, int]], precision: str, threads: int | None) -> dict | None:
     """The best OpenVINO MatMul rate over `shapes` at `precision` with its kernel, or None where OpenVINO is not
     installed."""
     try:
-        runs = {"x".join(map(str, s)): openvino_gemm(s, precision, threads) for s in shapes}
+        probe = _best_over(shapes, lambda s: openvino_gemm(s, precision, threads))
     except BackendUnavailable:
         return None
-    best = max(runs, key=lambda k: runs[k][0])
-    return {"gflops": runs[best][0], "best_shape": best, "per_shape": {k: v[0] for k, v in runs.items()},
-            "kernel": f"OpenVINO {runs[best][1]}" if runs[best][1] else None}
+    return {**probe, "kernel": f"OpenVINO {probe['kernel']}" if probe["kernel"] else None}
 
 
 def best_candidate(candidates: dict[str, dict | None]) -> dict | None:
@@ -271,8 +271,7 @@ def probe_shapes(gemm_shapes: list[dict]) -> list[tuple[int, int, int]]:
 
 
 def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: bool = False,
-                   int8_weights: str | None = None, compare_overrides: bool = True,
-                   torch_probe_wanted: bool = True) -> dict:
+                   int8_weights: str | None = None, compare_overrides: bool = True) -> dict:
     """fp32 (and, where they apply, int8 and bf16) GEMM limits of this machine, each with how it was found:
     the winning candidate, its kernel, every candidate's figures, and the CPU's AMX flags ("amx")."""
     flags = cpu_flags() or set()
@@ -299,14 +298,14 @@ def measure_limits(threads: int | None, gemm_shapes: list[dict], *, int8_rows: b
     bf16 = any(f in flags for f in BF16_LIMIT_FLAGS)
     limits["amx"] = sorted(f for f in AMX_FLAGS if f in flags)
     torch_probe = None
-    if torch_probe_wanted and (vnni or int8_rows or bf16):
+    if vnni or int8_rows or bf16:
         torch_probe = torch_gemm_probe(shapes, threads)
         limits["torch_probe"] = ({k: v for k, v in torch_probe.items() if k not in ("bf16", "int8")}
                                  if torch_probe else {"why": "torch is not installed here"})
     torch_ran = bool(torch_probe) and "error" not in torch_probe
     if vnni or int8_rows:
         weights = int8_weights or int8_weight_type()[0]
-        ort = {**_ort_probe(shapes, "int8", threads, weights), "kernel": None,
+        ort = {**_ort_probe(shapes, "int8", threads, weights),
                "why": "ONNX Runtime's MLAS names no kernel (it picks AMX, VNNI or AVX2 code by CPU feature)"}
         candidates = {f"onnxruntime MatMulInteger u8 x {weights}": ort}
         if torch_ran:
